@@ -1,0 +1,32 @@
+"""Mean aggregation (FedAvg): plain or weighted by each client's sample count.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from
+Decentralized Data" (2017). Tolerates no Byzantine input (f = 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import DefenseResult, RoundContext, check_updates
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeanConfig:
+    weighted: bool = False
+    """Weight each row by ``ctx.sample_counts`` (FedAvg) instead of uniformly."""
+
+
+class Mean:
+    def __init__(self, config: MeanConfig) -> None:
+        self.config = config
+
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
+        n, _ = check_updates(updates)
+        if self.config.weighted and ctx.sample_counts is not None:
+            w = ctx.sample_counts.to(updates.device, updates.dtype)
+            w = w / w.sum()
+        else:
+            w = torch.full((n,), 1.0 / n, device=updates.device, dtype=updates.dtype)
+        return DefenseResult(delta=w @ updates, accepted=torch.ones(n, dtype=torch.bool, device=updates.device), weights=w)
