@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# byzfed: one entry for people.
+#   ./launch.sh                      set up (first time) and run the demo federation
+#   ./launch.sh test [pytest args]   run the whole test suite
+#   ./launch.sh run SCENARIO.toml [--set key=value ...]
+#   ./launch.sh orchestrator SCENARIO.toml [--host H] [--port P] [--token T]   orchestrator only
+#   ./launch.sh node --orchestrator HOST:PORT --name NAME --token T            one client node
+#   ./launch.sh mpirun -np N SCENARIO.toml [--set ...]                          a run across MPI ranks
+#   ./launch.sh defenses | attacks | check SCENARIO.toml | setup | bench NAME
+# Processes are started with exec or by the Python runner, which stops its
+# children by PID; this script kills nothing by name.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.byzfed-installed"
+
+setup() {
+  if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$STAMP" -nt "$ROOT/pyproject.toml" ]; then
+    return 0
+  fi
+  echo "byzfed: setting up $VENV (one time)" >&2
+  local base="${PYTHON:-python3}"
+  "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
+    echo "byzfed needs Python >= 3.10 (found $("$base" --version 2>&1))" >&2; exit 1; }
+  [ -x "$PY" ] || "$base" -m venv "$VENV"
+  # torch first, pinned to the local CPU build: the project's torch>=2.3 range is
+  # then satisfied and pip never pulls a CUDA build.
+  "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+  "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test,mpi]"
+  touch "$STAMP"
+}
+
+cmd="${1:-demo}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup)
+    setup ;;
+  demo)
+    setup
+    exec "$PY" -m orchestrator run "$ROOT/scenarios/demo.toml" "$@" ;;
+  run)
+    setup
+    [ $# -ge 1 ] || { echo "usage: ./launch.sh run SCENARIO.toml [--set key=value ...]" >&2; exit 2; }
+    exec "$PY" -m orchestrator run "$@" ;;
+  orchestrator|serve)
+    setup
+    exec "$PY" -m orchestrator serve "$@" ;;
+  node)
+    setup
+    exec "$PY" -m fednode "$@" ;;
+  check)
+    setup
+    exec "$PY" -m orchestrator check "$@" ;;
+  defenses)
+    setup
+    exec "$PY" -m orchestrator defenses ;;
+  attacks)
+    setup
+    exec "$PY" -m attacks ;;
+  mpirun)
+    setup
+    exec "$PY" -m orchestrator.mpi_launch "$@" ;;
+  bench)
+    setup
+    [ $# -ge 1 ] || { echo "usage: ./launch.sh bench NAME [args]  (NAME: $(cd "$ROOT/bench" && ls *.py | sed 's/\.py$//' | tr '\n' ' '))" >&2; exit 2; }
+    name="$1"; shift
+    exec "$PY" "$ROOT/bench/$name.py" "$@" ;;
+  test)
+    setup
+    PYTHON="$PY" "$ROOT/proto/generate.sh" --check
+    cd "$ROOT"
+    exec "$PY" -m pytest -q "$@" ;;
+  -h|--help|help)
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *)
+    echo "unknown command '$cmd'; try ./launch.sh help" >&2; exit 2 ;;
+esac

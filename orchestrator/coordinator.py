@@ -1,0 +1,228 @@
+"""The orchestrator's core: membership, rounds, defense, apply, evaluate, checkpoint.
+
+Transport-free: the gRPC servicer calls into it, and it calls the aggregation
+group (``collective``) and the defense registry. One ``run()`` drives all rounds.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from fednode.workload import build_model, load_dataset
+from proto.layout import Layout
+
+from . import checkpoint
+from .collective import AggregationGroup, pick_device
+from .defenses import RoundContext, build_defense
+from .errors import Refusal
+from .evaluate import evaluate
+from .membership import Membership
+from .metrics import MetricsWriter, detection_scores
+from .rounds import Round, RoundKeeper
+from .scenario import Scenario
+from .selection import select
+
+
+def round_generator(seed: int, round_id: int, role: int) -> torch.Generator:
+    """Explicit randomness: one generator per (seed, round, role)."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + round_id * 7_919 + role) % (2**63 - 1))
+    return g
+
+
+ROLE_SELECT, ROLE_DEFENSE = 1, 2
+
+
+class Coordinator:
+    def __init__(self, scenario: Scenario, run_dir: Path, federation_token: str,
+                 on_event: Optional[Callable[[str, dict], None]] = None) -> None:
+        self.s = scenario
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.on_event = on_event or (lambda kind, info: None)
+        data = scenario.data
+        self.dataset = load_dataset(data.dataset, data.data_dir or None, test_fraction=data.test_fraction,
+                                    seed=scenario.seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(scenario.seed)
+            self.model = build_model(scenario.model.name, self.dataset.input_shape, self.dataset.num_classes)
+        self.layout = Layout.from_module(self.model)
+        self.layout_json = self.layout.to_json()
+        self.layout_hash = self.layout.hash()
+        self.device = pick_device(scenario.aggregation.device)
+        self.group = AggregationGroup(None)
+        self.global_vec = self.layout.flatten(self.model.state_dict()).clone()
+        self.defense = build_defense(scenario.defense.name, scenario.defense.params)
+        self.defense_state: dict[str, Any] = {}
+        self.membership = Membership(federation_token, scenario.federation.lease_seconds)
+        self.keeper = RoundKeeper()
+        self.roster = {name: (i, role) for i, (name, role) in enumerate(scenario.node_roles())}
+        self.byzantine_names = {name for name, (_, role) in self.roster.items() if role.byzantine}
+        self.metrics = MetricsWriter(run_dir)
+        self.shutdown = threading.Event()
+        self.round_id = 0
+        self.model_version = 0
+        self._payload_lock = threading.Lock()
+        self._payload: tuple[int, bytes] | None = None
+        self.ingest_address = ""
+        self.expected_at_start = len(self.roster)
+        self._maybe_resume()
+
+    # ----- state the servicer reads -------------------------------------------------
+    def workload_for(self, name: str) -> str:
+        if name not in self.roster:
+            raise Refusal("permission_denied", f"node name {name!r} is not in scenario {self.s.name!r}; "
+                                               f"expected one of {min(self.roster)} .. {max(self.roster)}")
+        shard, _ = self.roster[name]
+        d = self.s.data
+        return json.dumps({"model": self.s.model.name, "dataset": d.dataset, "data_dir": d.data_dir,
+                           "partition": d.partition, "alpha": d.alpha, "test_fraction": d.test_fraction,
+                           "seed": self.s.seed, "num_shards": len(self.roster), "shard": shard})
+
+    def train_json(self, r: Round) -> str:
+        t = asdict(self.s.training)
+        t["seed"] = self.s.seed
+        t["round"] = r.round_id
+        return json.dumps(t)
+
+    def weights_payload(self, model_version: int) -> bytes:
+        """Little-endian float32 bytes of the global weights at ``model_version``."""
+        with self._payload_lock:
+            if self._payload is None or self._payload[0] != model_version:
+                self._payload = (model_version, self.global_vec.to("cpu", torch.float32).numpy().tobytes())
+            return self._payload[1]
+
+    # ----- the run --------------------------------------------------------------
+    def _maybe_resume(self) -> None:
+        path = self.run_dir / "checkpoint.pt"
+        if not path.exists():
+            return
+        ck = checkpoint.load(path)
+        if ck.get("layout_hash") != self.layout_hash:
+            raise RuntimeError(f"{path} was written for another model layout")
+        self.global_vec = ck["global"].clone()
+        self.round_id = int(ck["next_round"])
+        self.model_version = int(ck["model_version"])
+        self.defense_state = ck.get("defense_state", {})
+        self.on_event("resumed", {"round": self.round_id})
+
+    def _checkpoint(self) -> None:
+        checkpoint.save(self.run_dir / "checkpoint.pt", {
+            "global": self.global_vec.cpu(), "next_round": self.round_id, "model_version": self.model_version,
+            "layout_hash": self.layout_hash, "defense_state": self.defense_state, "scenario": self.s.name})
+
+    def _expire_loop(self) -> None:
+        while not self.shutdown.wait(0.25):
+            for m in self.membership.expire():
+                self.on_event("evicted", {"node": m.name})
+            self.keeper.notify()
+
+    def wait_for_nodes(self) -> int:
+        want = self.s.federation.min_nodes or self.expected_at_start
+        end = time.monotonic() + self.s.federation.join_timeout
+        while time.monotonic() < end and not self.shutdown.is_set():
+            n = len(self.membership.alive())
+            if n >= want:
+                return n
+            time.sleep(0.1)
+        return len(self.membership.alive())
+
+    def run(self) -> dict[str, Any]:
+        start = time.monotonic()
+        threading.Thread(target=self._expire_loop, name="lease-expiry", daemon=True).start()
+        joined = self.wait_for_nodes()
+        self.on_event("ready", {"joined": joined, "expected": len(self.roster)})
+        fed = self.s.federation
+        try:
+            while self.round_id < fed.rounds and not self.shutdown.is_set():
+                self._one_round()
+                self.round_id += 1
+                if self.s.output.checkpoint_every and self.round_id % self.s.output.checkpoint_every == 0:
+                    self._checkpoint()
+        finally:
+            self.shutdown.set()
+            self.keeper.notify()
+        wall = time.monotonic() - start
+        summary = self.metrics.summary(wall, {"scenario": self.s.name, "defense": self.s.defense.name,
+                                              "nodes": len(self.roster), "d": self.layout.d})
+        if self.s.output.plot:
+            self.metrics.plot(f"{self.s.name}: {self.s.model.name} on {self.s.data.dataset}, {self.s.defense.name}")
+        return summary
+
+    def _one_round(self) -> None:
+        fed = self.s.federation
+        r_id = self.round_id
+        alive_members = self.membership.alive()
+        names = {m.node_id: m.name for m in alive_members}
+        selected = select(list(names), fed.selection, fed.sample_size, round_generator(self.s.seed, r_id, ROLE_SELECT))
+        events = self.membership.drain_events()
+        row: dict[str, Any] = {"round": r_id, "model_version": self.model_version, "alive": len(alive_members),
+                               "selected": len(selected),
+                               "joined": [self._name(n) for e, n in events if e == "join"],
+                               "left": [self._name(n) for e, n in events if e == "leave"],
+                               "evicted": [self._name(n) for e, n in events if e == "evict"]}
+        if not selected:
+            time.sleep(min(1.0, fed.round_timeout))
+            row.update(outcome="abandoned: no node alive", reported=0)
+            self._finish_row(row)
+            return
+        self.weights_payload(self.model_version)
+        t0 = time.monotonic()
+        self.keeper.open(r_id, self.model_version, set(selected), fed.round_timeout, fed.quorum)
+        self.on_event("round_open", {"round": r_id, "selected": [names[n] for n in selected]})
+        rnd = self.keeper.wait_close(self.membership.is_alive)
+        t_collect = time.monotonic() - t0
+        uploads = [rnd.uploads[n] for n in sorted(rnd.uploads)]
+        row.update(outcome=rnd.outcome, reported=len(uploads), quorum=rnd.quorum,
+                   missing=sorted(self._name(n) for n in rnd.missing), refused=dict(rnd.refused),
+                   bytes_received=sum(u.num_bytes for u in uploads), t_collect=round(t_collect, 4))
+        row["byzantine_selected"] = sum(1 for n in selected if self._name(n) in self.byzantine_names)
+        if rnd.outcome.startswith("abandoned"):
+            self._finish_row(row)
+            return
+        t1 = time.monotonic()
+        rows = torch.stack([u.delta for u in uploads]).to(self.device)
+        updates, _ = self.group.gather_rows(rows)
+        ctx = RoundContext(layout=self.layout, global_weights=self.global_vec.to(self.device), round=r_id,
+                           f=self.s.defense.f, generator=round_generator(self.s.seed, r_id, ROLE_DEFENSE),
+                           state=self.defense_state, model_fn=self._model_fn,
+                           sample_counts=torch.tensor([u.num_samples for u in uploads], dtype=torch.float32),
+                           client_ids=[self._name(u.node_id) for u in uploads])
+        result = self.defense(updates, ctx)
+        delta = result.delta.to("cpu", torch.float32)
+        t_aggregate = time.monotonic() - t1
+        if not torch.isfinite(delta).all():
+            row.update(outcome="skipped: defense returned non-finite delta", t_aggregate=round(t_aggregate, 4))
+            self._finish_row(row)
+            return
+        self.global_vec = self.global_vec + fed.server_lr * delta
+        self.model_version += 1
+        accepted = {self._name(u.node_id): bool(a) for u, a in zip(uploads, result.accepted.cpu().tolist())}
+        t2 = time.monotonic()
+        acc, loss = evaluate(self.model, self.layout, self.global_vec, self.dataset.test_x, self.dataset.test_y)
+        row.update(accuracy=acc, loss=loss, accepted=sum(accepted.values()),
+                   rejected=sorted(n for n, ok in accepted.items() if not ok),
+                   byzantine_accepted=sum(1 for n, ok in accepted.items() if ok and n in self.byzantine_names),
+                   t_aggregate=round(t_aggregate, 4), t_evaluate=round(time.monotonic() - t2, 4),
+                   update_norm=float(delta.norm()))
+        if self.byzantine_names:
+            row.update(detection_scores(accepted, self.byzantine_names))
+        row["diagnostics"] = {k: v for k, v in result.diagnostics.items() if isinstance(v, (int, float, str, bool))}
+        self._finish_row(row)
+
+    def _finish_row(self, row: dict[str, Any]) -> None:
+        self.metrics.write(row)
+        self.on_event("round_closed", row)
+
+    def _name(self, node_id: str) -> str:
+        m = self.membership.get(node_id)
+        return m.name if m else node_id
+
+    def _model_fn(self) -> torch.nn.Module:
+        return build_model(self.s.model.name, self.dataset.input_shape, self.dataset.num_classes).to(self.device)

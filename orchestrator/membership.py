@@ -1,0 +1,123 @@
+"""Membership: join, heartbeat, leave, lease expiry. No gRPC inside.
+
+A node is identified by its operator-chosen name and proves re-joins with a
+secret of its own; a re-join with the same credentials is idempotent (same node
+id, same session token, fresh lease), with other credentials it is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import Refusal
+
+
+@dataclass
+class Member:
+    node_id: str
+    name: str
+    secret_digest: bytes
+    token: str
+    num_samples: int
+    lease_expiry: float
+    joined_round: int
+    alive: bool = True
+    joins: int = 1
+    info: dict = field(default_factory=dict)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class Membership:
+    def __init__(self, federation_token: str, lease_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._federation_token = federation_token
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_name: dict[str, Member] = {}
+        self._by_id: dict[str, Member] = {}
+        self.events: list[tuple[str, str]] = []  # (event, node_id) since last drain
+
+    def join(self, name: str, secret: str, federation_token: str, num_samples: int, current_round: int,
+             info: dict | None = None) -> tuple[Member, bool]:
+        if not hmac.compare_digest(federation_token.encode(), self._federation_token.encode()):
+            raise Refusal("unauthenticated", "federation token is wrong")
+        if not name or len(name) > 128 or not secret:
+            raise Refusal("invalid", "node name (1-128 chars) and node secret are required")
+        with self._lock:
+            member = self._by_name.get(name)
+            if member is not None:
+                if not hmac.compare_digest(member.secret_digest, _digest(secret)):
+                    raise Refusal("unauthenticated", f"node name {name!r} is taken by a node with other credentials")
+                member.lease_expiry = self._clock() + self.lease_seconds
+                if not member.alive:
+                    member.joined_round = current_round
+                    self.events.append(("join", member.node_id))
+                member.alive = True
+                member.joins += 1
+                member.num_samples = num_samples
+                return member, True
+            node_id = f"n{len(self._by_name):04d}-{secrets.token_hex(3)}"
+            member = Member(node_id=node_id, name=name, secret_digest=_digest(secret), token=secrets.token_hex(16),
+                            num_samples=num_samples, lease_expiry=self._clock() + self.lease_seconds,
+                            joined_round=current_round, info=dict(info or {}))
+            self._by_name[name] = member
+            self._by_id[node_id] = member
+            self.events.append(("join", node_id))
+            return member, False
+
+    def authenticate(self, node_id: str, token: str, *, require_alive: bool = True) -> Member:
+        with self._lock:
+            member = self._by_id.get(node_id)
+            if member is None or not hmac.compare_digest(member.token.encode(), token.encode()):
+                raise Refusal("unauthenticated", "session token does not belong to this node id")
+            if require_alive and not member.alive:
+                raise Refusal("not_found", f"node {node_id} is not a member (left or lease expired); join again")
+            return member
+
+    def heartbeat(self, node_id: str, token: str) -> Member:
+        member = self.authenticate(node_id, token)
+        with self._lock:
+            member.lease_expiry = self._clock() + self.lease_seconds
+        return member
+
+    def leave(self, node_id: str, token: str) -> None:
+        member = self.authenticate(node_id, token, require_alive=False)
+        with self._lock:
+            if member.alive:
+                member.alive = False
+                self.events.append(("leave", node_id))
+
+    def expire(self) -> list[Member]:
+        now = self._clock()
+        with self._lock:
+            gone = [m for m in self._by_id.values() if m.alive and m.lease_expiry < now]
+            for m in gone:
+                m.alive = False
+                self.events.append(("evict", m.node_id))
+            return gone
+
+    def alive(self) -> list[Member]:
+        with self._lock:
+            return [m for m in self._by_id.values() if m.alive]
+
+    def is_alive(self, node_id: str) -> bool:
+        with self._lock:
+            m = self._by_id.get(node_id)
+            return bool(m and m.alive and m.lease_expiry >= self._clock())
+
+    def get(self, node_id: str) -> Member | None:
+        with self._lock:
+            return self._by_id.get(node_id)
+
+    def drain_events(self) -> list[tuple[str, str]]:
+        with self._lock:
+            out, self.events = self.events, []
+            return out

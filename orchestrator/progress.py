@@ -1,0 +1,89 @@
+"""Live terminal progress (rich): rounds, accuracy, who reported, who is missing."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+class LiveProgress:
+    def __init__(self, console: Console, total_rounds: int, coord_ref=None, enabled: bool = True) -> None:
+        self.console = console
+        self.coord = coord_ref
+        self.enabled = enabled
+        self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
+                                 transient=False, disable=not enabled)
+        self.task = self.progress.add_task("waiting for nodes to join", total=total_rounds, label="rounds")
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "LiveProgress":
+        self.progress.start()
+        if self.enabled and self.console.is_terminal:
+            self._thread = threading.Thread(target=self._refresh, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.progress.stop()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(0.5):
+            c = self.coord
+            r = c.keeper.current if c else None
+            if r is None or r.closed:
+                continue
+            names = sorted(c._name(n) for n in r.missing)
+            shown = ", ".join(names[:6]) + (f" +{len(names) - 6}" if len(names) > 6 else "")
+            self.progress.update(self.task, description=f"round {r.round_id}: {len(r.uploads)}/{len(r.selected)} "
+                                                        f"reported; waiting for {shown}")
+
+    def event(self, kind: str, info: dict[str, Any]) -> None:
+        p = self.console.print
+        if kind == "ready":
+            p(f"[green]{info['joined']} of {info['expected']} nodes joined[/]; starting rounds")
+            self.progress.update(self.task, description="")
+        elif kind == "round_closed":
+            self._round_line(info)
+            self.progress.advance(self.task)
+        elif kind in ("evicted",):
+            p(f"[yellow]node {info['node']} lease expired (evicted)[/]")
+        elif kind == "resumed":
+            p(f"[cyan]resumed from checkpoint at round {info['round']}[/]")
+            self.progress.update(self.task, completed=info["round"])
+        elif kind == "message":
+            p(info["text"])
+
+    def _round_line(self, row: dict[str, Any]) -> None:
+        parts = [f"round {row['round']:>3}"]
+        if row.get("accuracy") is not None:
+            parts.append(f"acc [bold]{row['accuracy']:.4f}[/] loss {row['loss']:.4f}")
+        parts.append(f"reported {row.get('reported', 0)}/{row.get('selected', 0)}")
+        if row.get("rejected"):
+            parts.append(f"rejected {len(row['rejected'])}")
+        if row.get("missing"):
+            parts.append(f"[yellow]missing {', '.join(row['missing'][:5])}{' …' if len(row['missing']) > 5 else ''}[/]")
+        for key in ("joined", "left", "evicted"):
+            if row.get(key):
+                parts.append(f"{key} {len(row[key])}")
+        if not str(row.get("outcome", "")).startswith(("complete",)):
+            parts.append(f"[dim]{row.get('outcome')}[/]")
+        parts.append(f"[dim]{row.get('t_collect', 0):.1f}s[/]")
+        self.console.print("  ".join(parts))
+
+
+def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
+    t = Table(title="byzfed run summary", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    for key in ("scenario", "defense", "nodes", "final_accuracy", "best_accuracy", "final_loss", "rounds_completed",
+                "rounds_abandoned", "wall_seconds", "bytes_received"):
+        v = summary.get(key)
+        t.add_row(key.replace("_", " "), f"{v:.4f}" if isinstance(v, float) else str(v))
+    t.add_row("outputs", run_dir)
+    return t

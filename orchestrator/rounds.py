@@ -1,0 +1,155 @@
+"""The round state machine: open, collect, close. No gRPC, no torch.distributed.
+
+A round opens with its selected nodes, a deadline and a quorum. Uploads are
+checked against it (selected, right round and model version, one per node) and
+stored whole or not at all. It closes when every selected node reported, or at
+the deadline — early if every node still missing is dead. With the quorum met it
+is aggregated, otherwise abandoned with the reason recorded.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .errors import Refusal
+
+
+@dataclass
+class Upload:
+    node_id: str
+    delta: torch.Tensor
+    num_samples: int
+    num_bytes: int
+    seconds: float
+
+
+@dataclass
+class Round:
+    round_id: int
+    model_version: int
+    selected: frozenset[str]
+    quorum: int
+    opened_at: float
+    deadline: float
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    in_flight: set[str] = field(default_factory=set)
+    refused: dict[str, int] = field(default_factory=dict)
+    closed: bool = False
+    outcome: str = ""
+    closed_at: float = 0.0
+
+    @property
+    def missing(self) -> set[str]:
+        return set(self.selected) - set(self.uploads)
+
+
+def quorum_count(quorum: float, selected: int) -> int:
+    """A fraction in (0, 1] of the selected nodes (rounded up), or a count when > 1."""
+    need = int(quorum) if quorum > 1 else -(-int(round(quorum * selected * 1e6)) // 1_000_000)
+    return max(1, min(selected, need))
+
+
+class RoundKeeper:
+    """Thread-safe holder of the one open round."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self.current: Optional[Round] = None
+        self.last_closed_id = -1
+
+    def open(self, round_id: int, model_version: int, selected: set[str], timeout: float, quorum: float) -> Round:
+        with self._cond:
+            now = self._clock()
+            self.current = Round(round_id, model_version, frozenset(selected), quorum_count(quorum, len(selected)),
+                                 now, now + timeout)
+            self._cond.notify_all()
+            return self.current
+
+    def task_for(self, node_id: str) -> Optional[Round]:
+        """The open round if ``node_id`` is selected and has not uploaded yet."""
+        with self._cond:
+            r = self.current
+            if r and not r.closed and node_id in r.selected and node_id not in r.uploads and node_id not in r.in_flight:
+                return r
+            return None
+
+    def wait_task(self, node_id: str, timeout: float) -> Optional[Round]:
+        end = self._clock() + timeout
+        with self._cond:
+            while True:
+                r = self.task_for(node_id)
+                left = end - self._clock()
+                if r is not None or left <= 0:
+                    return r
+                self._cond.wait(min(left, 0.5))
+
+    def _refuse(self, r: Optional[Round], reason: str, msg: str) -> Refusal:
+        if r is not None:
+            r.refused[reason] = r.refused.get(reason, 0) + 1
+        return Refusal(reason, msg)
+
+    def begin_upload(self, node_id: str, round_id: int, model_version: int) -> Round:
+        """Check an upload's header against the open round and reserve its slot."""
+        with self._cond:
+            r = self.current
+            if r is None or round_id != r.round_id or r.closed:
+                state = "no round is open" if r is None else (
+                    f"round {r.round_id} is {'closed' if r.closed else 'open'}")
+                raise self._refuse(r, "stale", f"stale upload for round {round_id}: {state}")
+            if node_id not in r.selected:
+                raise self._refuse(r, "permission_denied", f"node {node_id} was not selected for round {round_id}")
+            if model_version != r.model_version:
+                raise self._refuse(r, "stale", f"update is based on model version {model_version}; round {round_id} "
+                                               f"trains version {r.model_version}")
+            if node_id in r.uploads or node_id in r.in_flight:
+                raise self._refuse(r, "duplicate", f"node {node_id} already sent an update for round {round_id}")
+            r.in_flight.add(node_id)
+            return r
+
+    def abort_upload(self, r: Round, node_id: str, reason: str) -> None:
+        with self._cond:
+            r.in_flight.discard(node_id)
+            r.refused[reason] = r.refused.get(reason, 0) + 1
+            self._cond.notify_all()
+
+    def finish_upload(self, r: Round, upload: Upload) -> None:
+        with self._cond:
+            r.in_flight.discard(upload.node_id)
+            if r.closed or self.current is not r:
+                raise self._refuse(r, "stale", f"round {r.round_id} closed ({r.outcome}) before the upload finished")
+            r.uploads[upload.node_id] = upload
+            self._cond.notify_all()
+
+    def wait_close(self, is_alive: Callable[[str], bool], poll: float = 0.2) -> Round:
+        """Block until the open round can close; close it and return it."""
+        with self._cond:
+            r = self.current
+            assert r is not None and not r.closed
+            while True:
+                now = self._clock()
+                missing = r.missing
+                if not missing:
+                    outcome = "complete"
+                    break
+                if now >= r.deadline:
+                    outcome = "deadline"
+                    break
+                if not r.in_flight and not any(is_alive(n) for n in missing):
+                    outcome = "dead-nodes"
+                    break
+                self._cond.wait(min(poll, max(0.0, r.deadline - now)))
+            if len(r.uploads) < r.quorum:
+                outcome = f"abandoned: {len(r.uploads)} of {len(r.selected)} reported, quorum {r.quorum} ({outcome})"
+            r.closed, r.outcome, r.closed_at = True, outcome, now
+            self.last_closed_id = r.round_id
+            self._cond.notify_all()
+            return r
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()

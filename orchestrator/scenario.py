@@ -1,0 +1,263 @@
+"""Scenario files: one declarative TOML file describes a whole run.
+
+Every section is a frozen keyword-only dataclass; loading checks every key and
+value, so a typo or a bad value is an error that names the key and the allowed
+keys or values. ``--set section.key=value`` overrides apply before checking.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+class ScenarioError(ValueError):
+    """A scenario file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    name: Literal["logreg", "mlp", "cnn", "resnet18"] = "cnn"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    dataset: str = "mnist5k"
+    """mnist5k (bundled), digits (bundled), mnist, fashion-mnist, emnist, cifar10, medmnist:<flag>."""
+    data_dir: str = ""
+    partition: Literal["iid", "dirichlet", "quantity"] = "iid"
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSection:
+    algorithm: str = "fedavg"
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationSection:
+    rounds: int = 20
+    selection: Literal["all", "sample"] = "all"
+    sample_size: int = 0
+    """Nodes per round in ``sample`` mode (cross-device)."""
+    quorum: float = 0.5
+    """Fraction (0, 1] of the selected nodes, or an absolute count when > 1."""
+    round_timeout: float = 60.0
+    """Deadline of each round, in seconds after it opens."""
+    lease_seconds: float = 6.0
+    min_nodes: int = 0
+    """Nodes that must have joined before round 0 opens (0: all the scenario's nodes)."""
+    join_timeout: float = 120.0
+    server_lr: float = 1.0
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DefenseSection:
+    name: str = "mean"
+    f: int = 0
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregationSection:
+    ranks: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoleSection:
+    name: str = "honest"
+    count: int = 1
+    byzantine: bool = False
+    attack: str = ""
+    attack_params: dict = field(default_factory=dict)
+    schedule: dict = field(default_factory=dict)
+    join_at_round: int = 0
+    leave_at_round: int = -1
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSection:
+    dir: str = "runs"
+    checkpoint_every: int = 1
+    plot: bool = True
+    live: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    name: str = "scenario"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    defense: DefenseSection = field(default_factory=DefenseSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    roles: tuple[RoleSection, ...] = (RoleSection(name="honest", count=10),)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    @property
+    def num_nodes(self) -> int:
+        return sum(r.count for r in self.roles)
+
+    def node_roles(self) -> list[tuple[str, RoleSection]]:
+        """``(node_name, role)`` for every node, in shard order."""
+        out = []
+        for role in self.roles:
+            for i in range(role.count):
+                out.append((f"{role.name}-{i:03d}", role))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Scenario)}
+
+
+def _check_value(path: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ScenarioError(f"{path} = {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ScenarioError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ScenarioError(f"{path} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ScenarioError(f"{path} must be a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ScenarioError(f"{path} must be a table, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, table: Any, path: str):
+    if not isinstance(table, dict):
+        raise ScenarioError(f"[{path}] must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        full = f"{path}.{key}" if path else key
+        if key not in hints:
+            raise ScenarioError(f"unknown key {full!r}; allowed keys{' in [' + path + ']' if path else ''}: {', '.join(names)}")
+        kwargs[key] = _check_value(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def _validate(s: Scenario) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ScenarioError(f"{key} {msg}")
+
+    fed = s.federation
+    need(fed.rounds >= 1, "federation.rounds", "must be >= 1")
+    need(fed.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds")
+    need(fed.lease_seconds > 0, "federation.lease_seconds", "must be > 0 seconds")
+    need(fed.quorum > 0, "federation.quorum", "must be > 0 (a fraction in (0, 1] or a count)")
+    need(fed.selection != "sample" or fed.sample_size >= 1, "federation.sample_size", "must be >= 1 when selection = 'sample'")
+    need(0 <= fed.port < 65536, "federation.port", "must be in 0..65535")
+    need(s.training.epochs >= 1, "training.epochs", "must be >= 1")
+    need(s.training.batch_size >= 1, "training.batch_size", "must be >= 1")
+    need(s.training.lr > 0, "training.lr", "must be > 0")
+    need(0 < s.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+    need(s.data.alpha > 0, "data.alpha", "must be > 0")
+    need(s.defense.f >= 0, "defense.f", "must be >= 0")
+    need(s.aggregation.ranks >= 1, "aggregation.ranks", "must be >= 1")
+    need(len(s.roles) >= 1 and s.num_nodes >= 1, "roles", "must describe at least one node")
+    seen = set()
+    for i, r in enumerate(s.roles):
+        need(r.count >= 0, f"roles[{i}].count", "must be >= 0")
+        need(r.name not in seen, f"roles[{i}].name", f"{r.name!r} is used by two roles")
+        seen.add(r.name)
+        need(0 <= r.dropout <= 1, f"roles[{i}].dropout", "must be in [0, 1]")
+        need(not r.attack or r.byzantine, f"roles[{i}].attack", "needs byzantine = true")
+
+
+def from_dict(raw: dict[str, Any]) -> Scenario:
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _SECTIONS:
+            raise ScenarioError(f"unknown key {key!r}; allowed top-level keys: {', '.join(_SECTIONS)}")
+        if key == "roles":
+            if not isinstance(value, list) or not value:
+                raise ScenarioError("roles must be a non-empty array of tables ([[roles]])")
+            kwargs[key] = tuple(_build(RoleSection, v, f"roles[{i}]") for i, v in enumerate(value))
+        elif key in ("name", "seed"):
+            kwargs[key] = _check_value(key, value, str if key == "name" else int)
+        else:
+            section_cls = typing.get_type_hints(Scenario)[key]
+            kwargs[key] = _build(section_cls, value, key)
+    scenario = Scenario(**kwargs)
+    _validate(scenario)
+    return scenario
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise ScenarioError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            if part == "roles" or isinstance(node, list):
+                raise ScenarioError(f"override {text!r}: roles cannot be overridden from the command line; edit the file")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ScenarioError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a table")
+        node[path[-1]] = value
+    return raw
+
+
+def load(path: str | Path, overrides: Optional[list[str]] = None) -> Scenario:
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"scenario file {str(p)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{p}: not valid TOML: {exc}") from None
+    raw.setdefault("name", p.stem)
+    return from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,94 @@
+"""Wire codec: tensors <-> chunked raw bytes, with a CRC-32 and strict checks.
+
+The only module besides the servicer and the node's client that touches the
+generated message types. Tensors are float32, little-endian, flat; no pickle.
+"""
+from __future__ import annotations
+
+import sys
+import zlib
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from proto.byzfed.v1 import federation_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+FLOAT32 = "float32"
+# gRPC's own message cap on both sides: a chunk plus its framing fits with room.
+MAX_MESSAGE_BYTES = 8 << 20
+
+assert sys.byteorder == "little", "byzfed's wire format is little-endian"
+
+
+class CodecError(ValueError):
+    """A tensor stream broke a rule of the wire format. ``reason`` names which."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Zero-copy little-endian float32 view of a CPU tensor's storage."""
+    t = t.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+    return memoryview(t.numpy()).cast("B")
+
+
+def crc32(buf) -> int:
+    return zlib.crc32(buf) & 0xFFFFFFFF
+
+
+def tensor_header(buf: memoryview, shape: tuple[int, ...]) -> pb.TensorHeader:
+    return pb.TensorHeader(dtype=FLOAT32, num_bytes=len(buf), crc32=crc32(buf), shape=list(shape))
+
+
+def iter_chunks(buf: memoryview, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    for start in range(0, len(buf), chunk_bytes):
+        yield bytes(buf[start:start + chunk_bytes])
+
+
+class Assembler:
+    """Collects chunks of one declared tensor into a preallocated buffer.
+
+    Refuses (``CodecError``) a wrong dtype, a byte count that disagrees with the
+    expectation, more bytes than declared, too few bytes, or a CRC mismatch —
+    before anything is handed on."""
+
+    def __init__(self, header: pb.TensorHeader, expected_bytes: int | None = None) -> None:
+        if header.dtype != FLOAT32:
+            raise CodecError("dtype", f"dtype {header.dtype!r} is not allowed; expected 'float32'")
+        if header.num_bytes <= 0 or header.num_bytes % 4:
+            raise CodecError("size", f"declared byte count {header.num_bytes} is not a positive multiple of 4")
+        if expected_bytes is not None and header.num_bytes != expected_bytes:
+            raise CodecError("size", f"declared {header.num_bytes} bytes but the model layout needs {expected_bytes}")
+        self.header = header
+        self.buffer = bytearray(header.num_bytes)
+        self._view = memoryview(self.buffer)
+        self.received = 0
+
+    def add(self, data: bytes) -> None:
+        end = self.received + len(data)
+        if end > self.header.num_bytes:
+            raise CodecError("oversized", f"stream carries more than the declared {self.header.num_bytes} bytes")
+        self._view[self.received:end] = data
+        self.received = end
+
+    def finish(self) -> torch.Tensor:
+        if self.received != self.header.num_bytes:
+            raise CodecError("truncated", f"stream ended after {self.received} of {self.header.num_bytes} declared bytes")
+        if crc32(self._view) != self.header.crc32:
+            raise CodecError("checksum", "CRC-32 of the received bytes does not match the header")
+        return torch.frombuffer(self.buffer, dtype=torch.float32)
+
+
+def decode_stream(header: pb.TensorHeader, chunks: Iterable[bytes], expected_bytes: int | None = None) -> torch.Tensor:
+    asm = Assembler(header, expected_bytes)
+    for data in chunks:
+        asm.add(data)
+    return asm.finish()
+
+
+def tensor_from_bytes(buf: bytes | bytearray | memoryview) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(buf, dtype="<f4").copy())
