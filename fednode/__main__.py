@@ -37,8 +37,12 @@ def main(argv=None) -> int:
         cfg.secret = args.secret
     behaviour = None
     if args.behaviour:
-        from .byzantine import Behaviour
-        behaviour = Behaviour.from_json(args.behaviour, args.name)
+        from .byzantine import Behaviour, BehaviourError
+        try:
+            behaviour = Behaviour.from_json(args.behaviour, args.name)
+        except BehaviourError as exc:
+            print(f"fednode {args.name}: refusing to start: {exc}", file=sys.stderr)
+            return 2
     node = Node(cfg, behaviour)
     signal.signal(signal.SIGTERM, lambda *_: node.stop.set())
     try:

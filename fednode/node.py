@@ -99,10 +99,14 @@ class Node:
             self._work = (model, x, y, ds.num_classes)
         return self._work
 
-    def train(self, task: Task) -> tuple[torch.Tensor, int]:
+    def train(self, task: Task, data: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, int]:
+        """Local training on the shard, or on ``data`` (a Byzantine node's poisoned copy)."""
         model, x, y, num_classes = self._load_work()
+        if data is not None:
+            x, y = data
         t = dict(task.train)
         seed, round_id = t.pop("seed"), t.pop("round")
+        t.pop("num_selected", None)  # round facts, not hyper-parameters
         g = torch.Generator().manual_seed((seed * 1_000_003 + round_id * 7_919 + zlib.crc32(self.cfg.name.encode())) % (2**63))
         cfg = TrainConfig(**t)
         delta = train_local(model, self.client.session.layout, task.weights, x, y, cfg, g, self.state, num_classes)
@@ -127,6 +131,8 @@ class Node:
                     raise
                 if task is None or task.kind == "shutdown":
                     break
+                if self.behaviour is not None and not self.behaviour.keep_going(self, task):
+                    break  # the scenario's leave_at_round: leave (finally) and exit
                 if task.kind == "wait":
                     continue
                 self._do_round(task)

@@ -27,6 +27,7 @@ from .metrics import MetricsWriter, detection_scores
 from .rounds import Round, RoundKeeper
 from .scenario import Scenario
 from .selection import select
+from .server_step import parameter_mask, server_step_for_algorithm
 
 
 def round_generator(seed: int, round_id: int, role: int) -> torch.Generator:
@@ -60,6 +61,9 @@ class Coordinator:
         self.global_vec = self.layout.flatten(self.model.state_dict()).clone()
         self.defense = build_defense(scenario.defense.name, scenario.defense.params)
         self.defense_state: dict[str, Any] = {}
+        self.server_step = server_step_for_algorithm(scenario.training.algorithm, scenario.training.params)
+        self.step_state: dict[str, Any] = {}
+        self._param_mask = parameter_mask(self.layout)
         self.membership = Membership(federation_token, scenario.federation.lease_seconds)
         self.keeper = RoundKeeper()
         self.roster = {name: (i, role) for i, (name, role) in enumerate(scenario.node_roles())}
@@ -72,6 +76,8 @@ class Coordinator:
         self._payload: tuple[int, bytes] | None = None
         self.ingest_address = ""
         self.expected_at_start = len(self.roster)
+        self.adversary_view = None  # set by servicer.serve() iff [adversary] omniscient (simulation only)
+        self.await_joiners: dict[int, set[str]] = {}  # round -> names the runner starts for that round
         self._maybe_resume()
 
     # ----- state the servicer reads -------------------------------------------------
@@ -89,6 +95,7 @@ class Coordinator:
         t = asdict(self.s.training)
         t["seed"] = self.s.seed
         t["round"] = r.round_id
+        t["num_selected"] = len(r.selected)  # n, for attacks that need the round's size
         return json.dumps(t)
 
     def weights_payload(self, model_version: int) -> bytes:
@@ -110,12 +117,13 @@ class Coordinator:
         self.round_id = int(ck["next_round"])
         self.model_version = int(ck["model_version"])
         self.defense_state = ck.get("defense_state", {})
+        self.step_state = ck.get("step_state", {})
         self.on_event("resumed", {"round": self.round_id})
 
     def _checkpoint(self) -> None:
         checkpoint.save(self.run_dir / "checkpoint.pt", {
             "global": self.global_vec.cpu(), "next_round": self.round_id, "model_version": self.model_version,
-            "layout_hash": self.layout_hash, "defense_state": self.defense_state, "scenario": self.s.name})
+            "layout_hash": self.layout_hash, "defense_state": self.defense_state, "step_state": self.step_state, "scenario": self.s.name})
 
     def _expire_loop(self) -> None:
         while not self.shutdown.wait(0.25):
@@ -158,6 +166,7 @@ class Coordinator:
     def _one_round(self) -> None:
         fed = self.s.federation
         r_id = self.round_id
+        self._await_joiners(r_id)
         alive_members = self.membership.alive()
         names = {m.node_id: m.name for m in alive_members}
         selected = select(list(names), fed.selection, fed.sample_size, round_generator(self.s.seed, r_id, ROLE_SELECT))
@@ -201,7 +210,9 @@ class Coordinator:
             row.update(outcome="skipped: defense returned non-finite delta", t_aggregate=round(t_aggregate, 4))
             self._finish_row(row)
             return
-        self.global_vec = self.global_vec + fed.server_lr * delta
+        self.global_vec = self.global_vec + self.server_step(
+            delta, self.step_state, num_participants=int(result.accepted.sum()), num_nodes=len(self.roster),
+            lr=fed.server_lr, mask=self._param_mask)
         self.model_version += 1
         accepted = {self._name(u.node_id): bool(a) for u, a in zip(uploads, result.accepted.cpu().tolist())}
         t2 = time.monotonic()
@@ -215,6 +226,16 @@ class Coordinator:
             row.update(detection_scores(accepted, self.byzantine_names))
         row["diagnostics"] = {k: v for k, v in result.diagnostics.items() if isinstance(v, (int, float, str, bool))}
         self._finish_row(row)
+
+    def _await_joiners(self, r_id: int) -> None:
+        """Nodes started for round ``r_id`` (join_at_round, rejoin_at_round) take part in it:
+        wait for them to join before selecting, at most ``federation.join_timeout``."""
+        names = self.await_joiners.pop(r_id, set())
+        end = time.monotonic() + self.s.federation.join_timeout
+        while names and time.monotonic() < end and not self.shutdown.is_set():
+            if names <= {m.name for m in self.membership.alive()}:
+                return
+            time.sleep(0.05)
 
     def _finish_row(self, row: dict[str, Any]) -> None:
         self.metrics.write(row)

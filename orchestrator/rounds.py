@@ -89,9 +89,14 @@ class RoundKeeper:
                 self._cond.wait(min(left, 0.5))
 
     def _refuse(self, r: Optional[Round], reason: str, msg: str) -> Refusal:
-        if r is not None:
-            r.refused[reason] = r.refused.get(reason, 0) + 1
         return Refusal(reason, msg)
+
+    def count_refusal(self, reason: str) -> None:
+        """Record a refused upload against the open round (for the round's metrics)."""
+        with self._cond:
+            r = self.current
+            if r is not None:
+                r.refused[reason] = r.refused.get(reason, 0) + 1
 
     def begin_upload(self, node_id: str, round_id: int, model_version: int) -> Round:
         """Check an upload's header against the open round and reserve its slot."""
@@ -112,6 +117,7 @@ class RoundKeeper:
             return r
 
     def abort_upload(self, r: Round, node_id: str, reason: str) -> None:
+        """Drop a half-received upload: nothing of it is kept."""
         with self._cond:
             r.in_flight.discard(node_id)
             r.refused[reason] = r.refused.get(reason, 0) + 1

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from rich.console import Console
 
+from .adversary import ByzantineSupport
 from .coordinator import Coordinator
 from .progress import LiveProgress, summary_table
 from .scenario import RoleSection, Scenario
@@ -67,20 +68,23 @@ class ChildProcesses:
                 p.wait()
 
 
-def behaviour_json(role: RoleSection, seed: int) -> Optional[str]:
-    """The node-side behaviour of a role (attack, schedule, churn), or None for a plain honest node."""
+def behaviour_json(role: RoleSection, seed: int, extra: Optional[dict] = None) -> Optional[str]:
+    """The node-side behaviour of a role (attack, schedule, churn), or None for a plain honest node.
+    ``extra``: what the run gives its Byzantine nodes (``ByzantineSupport.behaviour_extra``)."""
     if not (role.byzantine or role.leave_at_round >= 0 or role.dropout > 0):
         return None
     return json.dumps({"byzantine": role.byzantine, "attack": role.attack, "attack_params": role.attack_params,
-                       "schedule": role.schedule, "leave_at_round": role.leave_at_round,
-                       "dropout": role.dropout, "seed": seed})
+                       "schedule": role.schedule, "knowledge": role.knowledge, "leave_at_round": role.leave_at_round,
+                       "rejoin_at_round": role.rejoin_at_round, "dropout": role.dropout, "seed": seed,
+                       **(extra or {})})
 
 
-def node_argv(address: str, name: str, token: str, role: RoleSection, scenario: Scenario) -> list[str]:
+def node_argv(address: str, name: str, token: str, role: RoleSection, scenario: Scenario,
+              extra: Optional[dict] = None) -> list[str]:
     argv = [sys.executable, "-m", "fednode", "--orchestrator", address, "--name", name, "--token", token]
     if scenario.data.data_dir:
         argv += ["--data-dir", scenario.data.data_dir]
-    b = behaviour_json(role, scenario.seed)
+    b = behaviour_json(role, scenario.seed, extra)
     if b:
         argv += ["--behaviour", b]
     return argv
@@ -114,19 +118,33 @@ def run_scenario(scenario: Scenario, run_dir: Path, console: Optional[Console] =
     console.print(f"[bold]byzfed[/] {scenario.name}: orchestrator on {address}; {scenario.num_nodes} nodes; "
                   f"{scenario.model.name} on {scenario.data.dataset}; defense {scenario.defense.name}; "
                   f"outputs in {run_dir}")
+    support = ByzantineSupport(scenario, coord)
+    for line in support.describe():
+        console.print(line)
     if not spawn_nodes:
         console.print(f"waiting for nodes: fednode --orchestrator {address} --name <name> --token {token}")
-    late: list[tuple[int, str, RoleSection]] = []
+        if support.group:
+            path = support.write_behaviours(run_dir, {n: behaviour_json(r, scenario.seed, support.behaviour_extra(n, r))
+                                                      for n, r in scenario.node_roles() if r.byzantine})
+            console.print(f"Byzantine nodes: add --behaviour with their entry of {path}")
     if spawn_nodes:
+        start = _starter(children, address, token, scenario, run_dir, support)
+        late: list[tuple[str, float, str, RoleSection, str]] = []  # (round|seconds, at, name, role, process key)
         for name, role in scenario.node_roles():
             if role.join_at_round > 0:
-                late.append((role.join_at_round, name, role))
+                late.append(("round", role.join_at_round, name, role, name))
+                coord.await_joiners.setdefault(role.join_at_round, set()).add(name)
+            elif role.join_after_seconds > 0:
+                late.append(("seconds", role.join_after_seconds, name, role, name))
             else:
-                children.spawn(name, node_argv(address, name, token, role, scenario), run_dir / "nodes" / f"{name}.log")
+                start(name, role, name)
+            if role.rejoin_at_round > 0:  # same secret, so the orchestrator gives back the same node id
+                late.append(("round", role.rejoin_at_round, name, role, f"{name}@rejoin"))
+                coord.await_joiners.setdefault(role.rejoin_at_round, set()).add(name)
         if late:
-            threading.Thread(target=_late_joiners, args=(coord, children, late, address, token, scenario, run_dir),
-                             daemon=True).start()
-        coord.expected_at_start = scenario.num_nodes - len(late)
+            threading.Thread(target=_late_joiners, args=(coord, start, late), daemon=True).start()
+        coord.expected_at_start = sum(1 for _, r in scenario.node_roles()
+                                      if r.join_at_round <= 0 and r.join_after_seconds <= 0)
     try:
         with live:
             summary = coord.run()
@@ -139,15 +157,35 @@ def run_scenario(scenario: Scenario, run_dir: Path, console: Optional[Console] =
         time.sleep(0.5 if spawn_nodes else 0)  # let nodes pick up SHUTDOWN and leave
         children.stop_all()
         server.stop(grace=1.0)
+        support.stop()
+        support.write(run_dir)
     summary["run_dir"] = str(run_dir)
     console.print(summary_table(summary, str(run_dir)))
     return summary
 
 
-def _late_joiners(coord: Coordinator, children: ChildProcesses, late, address, token, scenario, run_dir) -> None:
-    pending = sorted(late, key=lambda t: t[0])
+def _starter(children: ChildProcesses, address: str, token: str, scenario: Scenario, run_dir: Path,
+             support: ByzantineSupport):
+    """``start(name, role, key)``: spawn one node process, tracked under ``key``. Nodes that
+    rejoin get one fixed secret (in their environment, not argv) for all their processes."""
+    node_secrets = {n: secrets.token_hex(16) for n, r in scenario.node_roles() if r.rejoin_at_round > 0}
+
+    def start(name: str, role: RoleSection, key: str) -> None:
+        env = {"BYZFED_NODE_SECRET": node_secrets[name]} if name in node_secrets else None
+        argv = node_argv(address, name, token, role, scenario, support.behaviour_extra(name, role))
+        children.spawn(key, argv, run_dir / "nodes" / f"{name}.log", env)
+    return start
+
+
+def _late_joiners(coord: Coordinator, start, late) -> None:
+    """Start nodes when their round begins (join_at_round, rejoin_at_round) or after
+    their delay (join_after_seconds)."""
+    t0 = time.monotonic()
+    pending = list(late)
     while pending and not coord.shutdown.is_set():
-        while pending and coord.round_id >= pending[0][0]:
-            _, name, role = pending.pop(0)
-            children.spawn(name, node_argv(address, name, token, role, scenario), run_dir / "nodes" / f"{name}.log")
+        for item in list(pending):
+            when, at, name, role, key = item
+            if (coord.round_id >= at) if when == "round" else (time.monotonic() - t0 >= at):
+                pending.remove(item)
+                start(name, role, key)
         time.sleep(0.1)

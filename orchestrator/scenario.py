@@ -91,6 +91,27 @@ class RoleSection:
     join_at_round: int = 0
     leave_at_round: int = -1
     dropout: float = 0.0
+    knowledge: str = ""
+    """What the attack may read: '' (what the attack needs), 'own', 'colluders' or 'omniscient'."""
+    join_after_seconds: float = 0.0
+    """Start the node this many seconds after the run starts (0: with the others)."""
+    rejoin_at_round: int = -1
+    """After leave_at_round, start the node again at this round with the same credentials."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdversarySection:
+    """What the Byzantine group may use besides the wire (see orchestrator/adversary.py)."""
+    omniscient: bool = False
+    """SIMULATION ONLY: serve each round's honest updates to Byzantine nodes (loud warning, own token)."""
+    view_timeout: float = 10.0
+    """Seconds the omniscient view waits for a round's honest uploads before serving what arrived."""
+    allow_non_loopback: bool = False
+    """Permit the omniscient view when federation.host is not a loopback address."""
+    collusion: Literal["auto", "on", "off"] = "auto"
+    """Collusion service: auto = when an attack needs colluders' updates or there are >= 2 Byzantine nodes."""
+    collusion_timeout: float = 10.0
+    """Seconds a colluder waits for the rest of its group's benign deltas."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +131,7 @@ class Scenario:
     training: TrainingSection = field(default_factory=TrainingSection)
     federation: FederationSection = field(default_factory=FederationSection)
     defense: DefenseSection = field(default_factory=DefenseSection)
+    adversary: AdversarySection = field(default_factory=AdversarySection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     roles: tuple[RoleSection, ...] = (RoleSection(name="honest", count=10),)
     output: OutputSection = field(default_factory=OutputSection)
@@ -204,6 +226,11 @@ def _validate(s: Scenario) -> None:
         seen.add(r.name)
         need(0 <= r.dropout <= 1, f"roles[{i}].dropout", "must be in [0, 1]")
         need(not r.attack or r.byzantine, f"roles[{i}].attack", "needs byzantine = true")
+        need(r.join_after_seconds >= 0, f"roles[{i}].join_after_seconds", "must be >= 0")
+        need(r.rejoin_at_round < 0 or r.rejoin_at_round > r.leave_at_round >= 0, f"roles[{i}].rejoin_at_round",
+             "needs leave_at_round >= 0 and must be > leave_at_round")
+    from .adversary import check_roles  # attack names, params, schedules and knowledge vs [adversary]
+    check_roles(s, need)
 
 
 def from_dict(raw: dict[str, Any]) -> Scenario:

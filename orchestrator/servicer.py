@@ -125,6 +125,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 raise Refusal("invalid", f"num_samples must be positive, got {h.num_samples}")
             rnd = c.keeper.begin_upload(member.node_id, h.round, h.model_version)
         except Refusal as r:
+            c.keeper.count_refusal(r.reason)
             self._abort(context, r)
         reason = "invalid"
         try:
@@ -134,8 +135,8 @@ class FederationServicer(pb_grpc.FederationServicer):
                     raise Refusal("invalid", "a second header inside one upload")
                 asm.add(msg.data)
             delta = asm.finish()
-            if not torch.isfinite(delta).all():
-                bad = int((~torch.isfinite(delta)).sum())
+            bad = codec.count_nonfinite(delta)
+            if bad:
                 raise Refusal("invalid", f"update has {bad} non-finite values (NaN or Inf)")
             upload = Upload(member.node_id, delta, int(h.num_samples), asm.received, time.monotonic() - started)
         except codec.CodecError as e:
@@ -151,6 +152,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         try:
             c.keeper.finish_upload(rnd, upload)
         except Refusal as r:
+            c.keeper.count_refusal(r.reason)
             self._abort(context, r)
         return pb.PushUpdateReply(accepted=True, round=rnd.round_id, bytes_received=upload.num_bytes,
                                   message="stored")
@@ -166,6 +168,8 @@ def serve(coord: Coordinator, host: str, port: int, max_workers: int) -> tuple[g
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=grpc_options())
     pb_grpc.add_FederationServicer_to_server(FederationServicer(coord), server)
+    from .adversary import add_adversary_view  # only with [adversary] omniscient = true (simulation only)
+    coord.adversary_view = add_adversary_view(server, coord)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")

@@ -9,9 +9,9 @@ if [ "${1:-}" = "--check" ]; then
   out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
   mkdir -p "$out/proto"; out=$out/proto
 fi
-(cd "$root" && "$py" -m grpc_tools.protoc -I . --python_out="$out/.." --pyi_out="$out/.." --grpc_python_out="$out/.." proto/byzfed/v1/federation.proto)
+(cd "$root" && "$py" -m grpc_tools.protoc -I . --python_out="$out/.." --pyi_out="$out/.." --grpc_python_out="$out/.." proto/byzfed/v1/federation.proto proto/byzfed/v1/adversary.proto)
 if [ "${1:-}" = "--check" ]; then
-  for f in federation_pb2.py federation_pb2.pyi federation_pb2_grpc.py; do
+  for f in {federation,adversary}_pb2.py {federation,adversary}_pb2.pyi {federation,adversary}_pb2_grpc.py; do
     if ! diff -q "$out/byzfed/v1/$f" "$root/proto/byzfed/v1/$f" >/dev/null; then
       echo "proto stubs drift: proto/byzfed/v1/$f differs from what proto/generate.sh produces" >&2
       exit 1

@@ -14,7 +14,7 @@ and whether the node must keep per-node state (``stateful``).
 | feddyn     | alpha=0.01                                | ``feddyn_h``     | feddyn      |
 | fedrs      | alpha=0.5                                 | —                | sgd         |
 | fedsam     | rho=0.05                                  | —                | sgd         |
-| fedspeed   | lam (alias ``lambda``)=0.1, rho=0.1, alpha=1.0 | ``fedspeed_ghat`` | sgd    |
+| fedspeed   | lam (alias ``lambda``)=10, rho=0.1, alpha=1.0 | ``fedspeed_ghat`` | sgd     |
 """
 from __future__ import annotations
 

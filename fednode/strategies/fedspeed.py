@@ -41,8 +41,8 @@ STATE_KEY = "fedspeed_ghat"
 class FedSpeedConfig:
     ALIASES: ClassVar[dict[str, str]] = {"lambda": "lam"}
 
-    lam: float = 0.1
-    """``lambda`` (> 0): the prox term is ``(w - w_g) / lambda``."""
+    lam: float = 10.0
+    """``lambda`` (> 0): the prox term is ``(w - w_g) / lambda`` (default coefficient 0.1)."""
     rho: float = 0.1
     """Step of the (unnormalised) gradient-ascent perturbation (>= 0)."""
     alpha: float = 1.0

@@ -1,0 +1,352 @@
+"""A node's scenario-given behaviour: its attack, schedule and churn.
+
+The runner serialises a scenario role into ``--behaviour JSON`` (see
+:class:`BehaviourSpec`); :class:`Behaviour` then drives the node's rounds:
+
+* ``prepare_data`` poisons a copy of the shard for data attacks (label flips);
+* ``keep_going`` ends the node at ``leave_at_round`` (graceful Leave, exit 0);
+* ``run_round`` replaces the honest train + upload. The node drops out of the
+  round with probability ``dropout``; in rounds where its schedule is inactive it
+  is honest; otherwise it trains, gathers what its knowledge level allows, crafts
+  its update with the attack and uploads it through the ordinary client, so the
+  orchestrator validates it like any other.
+
+Knowledge (``knowledge`` in the role, default: what the attack needs):
+
+* ``nothing`` / ``own``: the node's own benign delta (it always trains, so its
+  timing looks honest);
+* ``colluders``: the benign deltas of the scenario's Byzantine group, shared
+  through the collusion service (:mod:`attacks.collusion`); alone (no service),
+  the group is the node itself;
+* ``omniscient``: the round's honest updates from the orchestrator's adversary
+  view, which exists only when the scenario enables it. Without its address and
+  token the node refuses to start (:class:`BehaviourError`, exit status 2).
+
+Round facts given to the attack: ``n`` is the task's ``num_selected``; ``f`` is
+the number of colluders that posted this round when the node colludes, else the
+scenario's number of Byzantine nodes, capped at ``n``. Randomness is explicit:
+the attack's generator is seeded from ``(seed, round, node)``, drop-outs from
+``(seed, round, node)`` too, the schedule from ``(seed, role)`` so that the nodes
+of one role are active in the same rounds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import grpc
+import torch
+
+from attacks import KNOWLEDGE_LEVELS, AttackContext, build_attack, build_schedule
+from attacks.collusion import CollusionClient, CollusionError
+from proto import codec
+from proto.byzfed.v1 import adversary_pb2 as apb
+from proto.byzfed.v1 import adversary_pb2_grpc as apb_grpc
+from proto.byzfed.v1 import federation_pb2 as pb
+
+from .client import Task, channel_options
+
+log = logging.getLogger("fednode.byzantine")
+
+
+class BehaviourError(ValueError):
+    """The behaviour cannot run as configured; the node refuses to start."""
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of ints and strings (stable across processes)."""
+    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class BehaviourSpec:
+    """What the runner tells a node (``--behaviour``); unknown keys are an error."""
+
+    byzantine: bool = False
+    attack: str = ""
+    attack_params: dict = field(default_factory=dict)
+    schedule: dict = field(default_factory=dict)
+    knowledge: str = ""
+    leave_at_round: int = -1
+    rejoin_at_round: int = -1
+    """The runner starts the node again at this round (same secret): a process that
+    sees a round >= it does not leave."""
+    dropout: float = 0.0
+    seed: int = 0
+    role: str = ""
+    f: int = 0
+    """Byzantine nodes in the scenario (the collusion group's size)."""
+    collusion: Optional[dict] = None
+    """``{address, token, timeout}`` of the group's collusion service."""
+    adversary: Optional[dict] = None
+    """``{address, token, timeout}`` of the omniscient view (simulation only)."""
+    defense: Optional[dict] = None
+    """``{name, params, f}`` of the server's rule, for attacks with ``needs_defense``."""
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "BehaviourSpec":
+        if not isinstance(raw, dict):
+            raise BehaviourError(f"behaviour must be a JSON object, got {type(raw).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            if key not in allowed:
+                raise BehaviourError(f"behaviour has no key {key!r}; allowed: {', '.join(allowed)}")
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise BehaviourError(f"behaviour: {exc}") from None
+
+
+class AdversaryViewClient:
+    """Reads the round's honest updates from the orchestrator's adversary view
+    (SIMULATION ONLY; the service exists only when the scenario enables it)."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.token = token
+        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.stub = apb_grpc.AdversaryStub(self.channel)
+
+    def honest_updates(self, node_id: str, session_token: str, round_id: int, wait_seconds: float) -> Optional[torch.Tensor]:
+        """``[h, d]`` honest updates of the open round (None when none arrived)."""
+        stream = self.stub.GetHonestUpdates(apb.GetHonestUpdatesRequest(
+            adversary_token=self.token, session=pb.Session(node_id=node_id, session_token=session_token),
+            round=round_id, wait_seconds=wait_seconds), timeout=wait_seconds + 60.0)
+        h = next(stream).header
+        if h.rows == 0:
+            return None
+        flat = codec.decode_stream(h.tensor, (m.data for m in stream))
+        return flat.reshape(h.rows, -1)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class Behaviour:
+    """Drives a node's rounds as its scenario role says (see the module docstring)."""
+
+    def __init__(self, spec: BehaviourSpec, node_name: str) -> None:
+        self.spec = spec
+        self.name = node_name
+        if not 0.0 <= spec.dropout <= 1.0:
+            raise BehaviourError(f"dropout={spec.dropout!r}: must be in [0, 1]")
+        self.attack = None
+        if spec.byzantine and spec.attack:
+            try:
+                self.attack = build_attack(spec.attack, spec.attack_params)
+            except ValueError as exc:
+                raise BehaviourError(str(exc)) from None
+        try:
+            self.schedule = build_schedule(spec.schedule)
+        except (TypeError, ValueError) as exc:
+            raise BehaviourError(f"schedule: {exc}") from None
+        self.knowledge = self._knowledge()
+        self.collusion: Optional[CollusionClient] = None
+        self.view: Optional[AdversaryViewClient] = None
+        self._poisoned: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._last_round = -1
+        if self.attack is None:
+            return
+        if self.knowledge == "omniscient":
+            adv = spec.adversary or {}
+            if not adv.get("address") or not adv.get("token"):
+                raise BehaviourError(
+                    f"attack {spec.attack!r} with knowledge 'omniscient' needs the adversary view, but the scenario "
+                    "does not enable it (set [adversary] omniscient = true; simulation only)")
+            self.view = AdversaryViewClient(adv["address"], adv["token"])
+        if self.knowledge == "colluders":
+            col = spec.collusion or {}
+            if col.get("address") and col.get("token"):
+                self.collusion = CollusionClient(col["address"], col["token"], node_name)
+            else:
+                log.warning("%s: no collusion service: the group of attack %r is this node alone", node_name,
+                            spec.attack)
+        if self.attack.needs_defense and not (spec.defense and spec.defense.get("name")):
+            raise BehaviourError(f"attack {spec.attack!r} needs the defense rule, but the behaviour names none")
+
+    @classmethod
+    def from_json(cls, text: str, node_name: str) -> "Behaviour":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BehaviourError(f"behaviour is not JSON: {exc}") from None
+        return cls(BehaviourSpec.from_dict(raw), node_name)
+
+    def _knowledge(self) -> str:
+        k = self.spec.knowledge
+        if k and k not in KNOWLEDGE_LEVELS:
+            raise BehaviourError(f"knowledge={k!r}: must be one of {', '.join(map(repr, KNOWLEDGE_LEVELS))}")
+        if self.attack is None:
+            return k or "nothing"
+        if not k:
+            return self.attack.needs
+        if KNOWLEDGE_LEVELS.index(k) < KNOWLEDGE_LEVELS.index(self.attack.needs):
+            raise BehaviourError(f"knowledge={k!r} is less than attack {self.spec.attack!r} needs "
+                                 f"({self.attack.needs!r})")
+        return k
+
+    # ----- decisions ---------------------------------------------------------------
+    def is_active(self, round_id: int) -> bool:
+        """Whether the attack runs in ``round_id`` (the role's schedule)."""
+        if self.attack is None:
+            return False
+        return self.schedule.is_active(round_id, derive_seed(self.spec.seed, "schedule", self.spec.role))
+
+    def drops_out(self, round_id: int) -> bool:
+        if self.spec.dropout <= 0.0:
+            return False
+        g = torch.Generator().manual_seed(derive_seed(self.spec.seed, "dropout", round_id, self.name))
+        return bool(torch.rand((), generator=g) < self.spec.dropout)
+
+    def keep_going(self, node: Any, task: Task) -> bool:
+        """False from ``leave_at_round`` until ``rejoin_at_round``: the node leaves."""
+        rejoin = self.spec.rejoin_at_round
+        if 0 <= self.spec.leave_at_round <= task.round and (rejoin < 0 or task.round < rejoin):
+            log.info("%s: leaving at round %d (leave_at_round)", self.name, task.round)
+            return False
+        return True
+
+    # ----- data ----------------------------------------------------------------------
+    def prepare_data(self, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep a poisoned copy for data attacks; the clean shard serves inactive rounds."""
+        if self.attack is not None and self.attack.kind == "data":
+            g = torch.Generator().manual_seed(derive_seed(self.spec.seed, "poison", self.name))
+            self._poisoned = self.attack.poison(x, y, num_classes, g)
+            changed = int((self._poisoned[1] != y).sum())
+            log.info("%s: %s poisoned %d of %d labels", self.name, self.spec.attack, changed, len(y))
+        return x, y
+
+    # ----- one round -----------------------------------------------------------------
+    def run_round(self, node: Any, task: Task) -> None:
+        r = task.round
+        if r <= self._last_round:
+            # Dropped out, or the upload was refused: the open round offers this node its
+            # task again. Do the round once only; poll gently until it closes.
+            node.stop.wait(min(1.0, max(0.05, task.deadline_unix - time.time())))
+            return
+        self._last_round = r
+        if self.drops_out(r):
+            log.info("%s: round %d: dropping out (no upload)", self.name, r)
+            return
+        if not self.is_active(r):
+            delta, n = node.train(task)
+            node.upload(task, delta, n)
+            return
+        log.info("%s: round %d: attack %s active (knowledge %s)", self.name, r, self.spec.attack, self.knowledge)
+        if self.attack.kind == "data":
+            node._load_work()  # runs prepare_data once
+            delta, n = node.train(task, data=self._poisoned)
+            self._send(node, task, delta, n)
+            return
+        if self.collusion is not None:
+            self._collusion_call("announce", lambda: self.collusion.announce(r))
+        own, n_samples = node.train(task)
+        try:
+            ctx = self._context(node, task, own)
+            crafted = self.attack.craft(ctx)
+        except (ValueError, RuntimeError, grpc.RpcError) as exc:
+            detail = f"{exc.code().name} {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+            log.error("%s: round %d: attack %s could not run (%s); no upload this round", self.name, r,
+                      self.spec.attack, detail)
+            return
+        if self.attack.kind == "wire":
+            self._send_malformed(node, task, crafted, n_samples)
+        else:
+            self._send(node, task, crafted, n_samples)
+
+    def _send(self, node: Any, task: Task, delta: torch.Tensor, n: int) -> bool:
+        crc = codec.crc32(codec.tensor_bytes(delta))
+        ok = node.upload(task, delta, n)
+        log.info("%s: round %d: %s update %s (crc32 %08x, norm %.4g)", self.name, task.round, self.spec.attack,
+                 "sent" if ok else "refused", crc, float(delta.norm()))
+        return ok
+
+    def _collusion_call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except CollusionError as exc:
+            log.warning("%s: %s: %s", self.name, what, exc)
+            return None
+
+    def _context(self, node: Any, task: Task, own: torch.Tensor) -> AttackContext:
+        r, level = task.round, KNOWLEDGE_LEVELS.index(self.knowledge)
+        n = int(task.train.get("num_selected") or 0)
+        f = max(self.spec.f, 1)
+        colluders = honest = None
+        if self.knowledge == "colluders":
+            colluders = own[None]
+            if self.collusion is not None:
+                self._collusion_call("post", lambda: self.collusion.post(r, own))
+                got = self._collusion_call("fetch", lambda: self.collusion.fetch(r, self._timeout(self.spec.collusion)))
+                if got and got[1] is not None:
+                    members, colluders = got
+                    f = len(members)
+                    log.info("%s: round %d: colluders %d (%s)", self.name, r, len(members), ",".join(members))
+        if self.view is not None:
+            s = node.client.session
+            honest = self.view.honest_updates(s.node_id, s.token, r, self._timeout(self.spec.adversary))
+            log.info("%s: round %d: adversary view served %d honest updates", self.name, r,
+                     0 if honest is None else honest.shape[0])
+            if honest is None:
+                colluders = own[None]  # nothing arrived: estimate from the own update
+        n = n or f + (0 if honest is None else honest.shape[0])
+        return AttackContext(
+            n=n, f=min(f, n), generator=torch.Generator().manual_seed(derive_seed(self.spec.seed, "attack", r, self.name)),
+            own=own if level >= KNOWLEDGE_LEVELS.index("own") else None, colluders=colluders, honest=honest,
+            slices=node.client.session.layout.slices(), round=r, global_weights=task.weights,
+            aggregate=self._aggregate(node, task) if self.attack.needs_defense else None)
+
+    @staticmethod
+    def _timeout(service: Optional[dict]) -> float:
+        return float((service or {}).get("timeout", 10.0))
+
+    def _aggregate(self, node: Any, task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The server's rule as ``[m, d] -> [d]``, for attacks with ``needs_defense``."""
+        # The one place fednode imports orchestrator code: the defenses package is
+        # pure torch (no gRPC, no network, no orchestrator state), and a rule-aware
+        # attack must run exactly the rule the scenario configures.
+        from orchestrator.defenses import RoundContext, build_defense
+
+        d = self.spec.defense
+        rule = build_defense(d["name"], d.get("params") or {})
+        layout, state = node.client.session.layout, {}
+
+        def aggregate(rows: torch.Tensor) -> torch.Tensor:
+            ctx = RoundContext(layout=layout, global_weights=task.weights, round=task.round, f=int(d.get("f", 0)),
+                               generator=torch.Generator().manual_seed(derive_seed(self.spec.seed, "rule", task.round)),
+                               state=state)
+            return rule(rows, ctx).delta
+        return aggregate
+
+    def _send_malformed(self, node: Any, task: Task, delta: torch.Tensor, n: int) -> None:
+        """Corrupt the upload as the ``malformed`` attack's mode says; the orchestrator must refuse it."""
+        mode = self.attack.mode
+        overrides: dict[str, Any] = {}
+        if mode == "bad_checksum":
+            overrides["crc32"] = codec.crc32(codec.tensor_bytes(delta)) ^ 0xFFFFFFFF
+        elif mode == "wrong_size":
+            delta = delta[:-1]
+        elif mode == "wrong_dtype":
+            overrides["dtype"] = "float64"
+        elif mode == "wrong_round":
+            overrides["round"] = task.round + 1_000_000  # never a round that could be open
+        elif mode == "wrong_layout":
+            overrides["layout_hash"] = "0" * 16
+        elif mode == "bad_token":
+            overrides["session_token"] = secrets.token_hex(16)
+        elif mode == "duplicate":
+            node.upload(task, delta, n)
+        ok = node.upload(task, delta, n, **overrides)
+        log.info("%s: round %d: malformed upload (%s) %s", self.name, task.round, mode,
+                 "was ACCEPTED" if ok else "refused")
+
+    def close(self) -> None:
+        for c in (self.collusion, self.view):
+            if c is not None:
+                c.close()

@@ -1,0 +1,160 @@
+"""Per-coordinate order statistics of an ``[n, d]`` matrix, fast on CPU.
+
+Coordinate-wise rules (median, trimmed mean, Bulyan's reduction, FedSECA's
+clamp) need, for every column, a few order statistics of ``n <= a few hundred``
+values. ``torch.sort`` / ``torch.median`` along ``dim=0`` treat each column as a
+separate tiny sort and run at ~200 ns per column on CPU, 70x the cost of a mean.
+Here the columns are sorted *together*: a Batcher odd-even merge sorting network
+is a fixed list of compare-exchange pairs ``(a, b)``, and each pair becomes two
+vectorised ops (``minimum``/``maximum``) over a whole block of columns. Blocks of
+columns sized to stay in cache are processed by a small thread pool (the ops
+release the GIL). The network is pruned to the output positions the caller needs.
+
+On CUDA the blocks are sorted with ``torch.sort`` (fast there); the maths the
+callers do on the sorted rows is the same on both paths.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence
+
+import torch
+
+RowsFn = Callable[[Sequence[torch.Tensor], slice], None]
+
+
+@functools.lru_cache(maxsize=256)
+def network(n: int, need: Optional[tuple[int, ...]] = None) -> tuple[tuple[int, int], ...]:
+    """Compare-exchange pairs of Batcher's odd-even merge sort on ``n`` wires.
+
+    After applying the pairs in order (low value to ``a``, high to ``b``), wire ``i``
+    holds the ``i``-th smallest input. With ``need`` only the pairs that can affect
+    those output wires are kept (backward cone of the network).
+    """
+    pairs: list[tuple[int, int]] = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            j = k % p
+            while j + k < n:
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+                j += 2 * k
+            k //= 2
+        p *= 2
+    if need is None:
+        return tuple(pairs)
+    live, kept = set(need), []
+    for a, b in reversed(pairs):
+        if a in live or b in live:
+            kept.append((a, b))
+            live.update((a, b))
+    return tuple(reversed(kept))
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, 8))
+
+
+def _block(k: int) -> int:
+    # ~k * block * 4 bytes of working set: keep the k rows of one block within
+    # a core's L2/L3 share while each op stays large enough to hide dispatch.
+    # Below torch's 32768-element grain so the ops never fork OpenMP threads of
+    # their own inside our worker threads.
+    return max(2048, min(32000, (1 << 21) // max(k, 1)))
+
+
+def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tensor] = None,
+                       scale: Optional[torch.Tensor] = None, absolute: bool = False,
+                       need: Optional[tuple[int, ...]] = None) -> None:
+    """Call ``fn(sorted_rows, cols)`` for consecutive column blocks ``cols`` of ``x``.
+
+    The matrix sorted per column is ``x[rows]`` (all rows if ``rows`` is None),
+    times ``scale[:, None]`` if given, in absolute value if ``absolute``.
+    ``sorted_rows[i]`` is the ``i``-th smallest value of each column of the block
+    (a 1-D tensor of the block's width); with ``need``, only those positions are
+    valid. ``fn`` must only write to outputs at ``cols`` (blocks run concurrently).
+    """
+    n_rows = x.shape[0] if rows is None else int(rows.numel())
+    d = x.shape[1]
+    if d == 0 or n_rows == 0:
+        return
+    if x.device.type != "cpu":
+        _map_device(x, fn, rows, scale, absolute, n_rows)
+        return
+    comps = network(n_rows, tuple(sorted(set(need))) if need is not None else None)
+    width = _block(n_rows)
+    blocks = [(c, min(d, c + width)) for c in range(0, d, width)]
+    workers = min(_threads(), len(blocks))
+
+    def run(part: list[tuple[int, int]]) -> None:
+        buf = torch.empty(n_rows + 1, width, dtype=x.dtype, device=x.device)
+        for c0, c1 in part:
+            w = c1 - c0
+            block = buf[:n_rows, :w]
+            src = x[:, c0:c1] if rows is None else x[:, c0:c1].index_select(0, rows)
+            if scale is not None:
+                torch.mul(src, scale[:, None], out=block)
+            else:
+                block.copy_(src)
+            if absolute:
+                block.abs_()
+            wires = [buf[i, :w] for i in range(n_rows + 1)]
+            spare = n_rows
+            for a, b in comps:
+                # Pointer swap instead of a copy: the min goes to the spare row,
+                # which then becomes wire a.
+                torch.minimum(wires[a], wires[b], out=wires[spare])
+                torch.maximum(wires[a], wires[b], out=wires[b])
+                wires[a], wires[spare] = wires[spare], wires[a]
+            fn(wires[:n_rows], slice(c0, c1))
+
+    if workers == 1:
+        run(blocks)
+        return
+    parts = [blocks[i::workers] for i in range(workers)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for fut in [pool.submit(run, p) for p in parts]:
+            fut.result()
+
+
+def _map_device(x, fn, rows, scale, absolute, n_rows) -> None:
+    d = x.shape[1]
+    # Bound the temporary (values + int64 indices of torch.sort) to ~1/4 of x.
+    width = max(1 << 16, d // 4)
+    for c0 in range(0, d, width):
+        c1 = min(d, c0 + width)
+        block = x[:, c0:c1] if rows is None else x[:, c0:c1].index_select(0, rows)
+        if scale is not None:
+            block = block * scale[:, None]
+        if absolute:
+            block = block.abs()
+        fn(list(torch.sort(block, dim=0).values.unbind(0)), slice(c0, c1))
+
+
+def median_1d(v: torch.Tensor) -> torch.Tensor:
+    """Median of a small 1-D tensor, averaging the two middle values for even length."""
+    s = torch.sort(v).values
+    n = s.numel()
+    return (s[(n - 1) // 2] + s[n // 2]) * 0.5
+
+
+def column_median(x: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
+                  scale: Optional[torch.Tensor] = None, absolute: bool = False) -> torch.Tensor:
+    """Coordinate-wise median of ``x[rows] * scale`` (mean of the two middle values for even n)."""
+    k = x.shape[0] if rows is None else int(rows.numel())
+    out = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
+    lo, hi = (k - 1) // 2, k // 2
+
+    def fn(r: Sequence[torch.Tensor], cols: slice) -> None:
+        if lo == hi:
+            out[cols] = r[lo]
+        else:
+            torch.add(r[lo], r[hi], out=out[cols]).mul_(0.5)
+
+    map_sorted_columns(x, fn, rows=rows, scale=scale, absolute=absolute, need=(lo, hi))
+    return out
