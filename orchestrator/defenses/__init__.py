@@ -2,7 +2,25 @@
 
 ``build_defense(name, params)`` builds a configured defense; an unknown name lists
 the known ones and an unknown parameter is an error naming it (frozen
-keyword-only config dataclasses).
+keyword-only config dataclasses). ``describe()`` is the listing printed by
+``python -m orchestrator defenses``.
+
+Composition: wrappers take a nested rule spec in ``inner``, either a registered
+name or a table with a ``name`` key and that rule's parameters::
+
+    {"name": "nnm", "inner": {"name": "krum", "distance": "cosine", "clip": "median"}}
+    {"name": "vdc", "m": 3, "inner": "median"}            # plugin in front of any rule
+    {"name": "layerwise", "inner": "rfa"}                 # layerwise around any rule
+    {"name": "bucketing", "s": 2, "inner": {"name": "nnm", "inner": "trimmed_mean"}}
+
+Wrappers: ``nnm``, ``bucketing``, ``norm_clipping`` (pre-aggregators), ``vdc``
+(plugin), ``layerwise``, ``stpa`` (spatial rule on the kept cluster). The
+distance-based rules (``krum``, ``multikrum``, ``bulyan``, ``geomed``) also take
+``layerwise``, ``distance`` and ``clip`` directly (Layerwise Cosine Aggregation).
+
+Adding a defense: one module with a frozen keyword-only config (deriving from
+``_common.Config``) and a callable ``rule(updates, ctx) -> DefenseResult``, and
+one entry below.
 """
 from __future__ import annotations
 
@@ -10,13 +28,48 @@ import dataclasses
 from typing import Any, Callable
 
 from .base import DefenseError, DefenseResult, RoundContext
+from .bucketing import Bucketing, BucketingConfig
+from .bulyan import Bulyan, BulyanConfig
+from .centered_clipping import CenteredClipping, CenteredClippingConfig
+from .fedseca import FedSECA, FedSECAConfig
+from .geomed import GeoMed, GeoMedConfig
+from .krum import Krum, KrumConfig, MultiKrum, MultiKrumConfig
+from .layerwise import Layerwise, LayerwiseConfig
 from .mean import Mean, MeanConfig
+from .median import Median, MedianConfig
+from .nnm import NNM, NNMConfig
+from .norm_clipping import NormClipping, NormClippingConfig
+from .rfa import RFA, RFAConfig
+from .stpa import STPA, STPAConfig
+from .trimmed_mean import TrimmedMean, TrimmedMeanConfig
+from .vdc import VDCConfig, VirtualDataConsistency
 
 Defense = Callable[..., DefenseResult]
 
+
+def _fedavg(config: MeanConfig) -> Mean:
+    """FedAvg: the mean weighted by each client's sample count (no Byzantine tolerance)."""
+    return Mean(dataclasses.replace(config, weighted=True))
+
+
 REGISTRY: dict[str, tuple[type, Callable[[Any], Defense]]] = {
     "mean": (MeanConfig, Mean),
-    "fedavg": (MeanConfig, lambda c: Mean(dataclasses.replace(c, weighted=True))),
+    "fedavg": (MeanConfig, _fedavg),
+    "median": (MedianConfig, Median),
+    "trimmed_mean": (TrimmedMeanConfig, TrimmedMean),
+    "krum": (KrumConfig, Krum),
+    "multikrum": (MultiKrumConfig, MultiKrum),
+    "bulyan": (BulyanConfig, Bulyan),
+    "geomed": (GeoMedConfig, GeoMed),
+    "rfa": (RFAConfig, RFA),
+    "centered_clipping": (CenteredClippingConfig, CenteredClipping),
+    "norm_clipping": (NormClippingConfig, NormClipping),
+    "nnm": (NNMConfig, NNM),
+    "bucketing": (BucketingConfig, Bucketing),
+    "layerwise": (LayerwiseConfig, Layerwise),
+    "vdc": (VDCConfig, VirtualDataConsistency),
+    "fedseca": (FedSECAConfig, FedSECA),
+    "stpa": (STPAConfig, STPA),
 }
 
 
@@ -49,8 +102,37 @@ def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
     try:
         config = config_cls(**params)
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, DefenseError):
+            raise
         raise DefenseError(f"defense {name!r}: {exc}") from None
     return factory(config)
 
 
-__all__ = ["REGISTRY", "build_defense", "config_fields", "DefenseError", "DefenseResult", "RoundContext"]
+def _summary(name: str) -> str:
+    config_cls, factory = REGISTRY[name]
+    doc = factory.__doc__ or config_cls.__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def describe() -> str:
+    """The registry as text: each defense, its one-line doc, and each parameter
+    with its type, default and allowed values."""
+    lines = ["Registered defenses (nested rule specs: a name or {name = ..., <params>}):", ""]
+    for name in REGISTRY:
+        lines.append(f"{name}")
+        lines.append(f"    {_summary(name)}")
+        config_cls, _ = REGISTRY[name]
+        fields = {f.name: f for f in dataclasses.fields(config_cls)}
+        params = config_fields(name)
+        if not params:
+            lines.append("    (no parameters)")
+        for pname, ptype, default in params:
+            choices = fields[pname].metadata.get("choices") or ()
+            rule = fields[pname].metadata.get("rule")
+            extra = f"  one of {' | '.join(map(repr, choices))}" if choices else (f"  ({rule})" if rule else "")
+            lines.append(f"    {pname}: {ptype} = {default!r}{extra}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+__all__ = ["REGISTRY", "build_defense", "config_fields", "describe", "DefenseError", "DefenseResult", "RoundContext"]

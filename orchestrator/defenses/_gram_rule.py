@@ -17,7 +17,9 @@ for every rule built on this class (Krum, Multi-Krum, Bulyan, GeoMed, RFA):
     layer they would either dominate or vanish in its distances.
 ``distance``
     ``"euclidean"`` (squared, as Krum scores) or ``"cosine"`` (``1 - cos``,
-    zero-norm safe). Every distance comes from the same Gram matrix.
+    zero-norm safe). Every distance comes from the same Gram matrix. Cosine
+    ignores magnitude: unclipped, a huge update pointing the honest way is
+    as close as an honest one (the paper always pairs it with ``clip``).
 ``clip``
     ``"median"``: clip each input row (each layer slice when layerwise) to the
     median norm of the round's rows before the rule, the paper's text ("median
@@ -34,6 +36,7 @@ true, distance = "cosine", clip = "median"}``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -42,7 +45,8 @@ import torch
 from ._common import Config, option
 from ._geometry import DISTANCES, Geometry, clip_scales, gram
 from ._order import median_1d
-from .base import DefenseError, DefenseResult, RoundContext, check_updates
+from .layerwise import run_layerwise
+from .base import DefenseResult, RoundContext, check_updates
 
 CLIPS = (None, "median", "median-output")
 
@@ -66,12 +70,6 @@ class Selection:
     rows: Optional[torch.Tensor] = None
     scores: Optional[torch.Tensor] = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def layer_groups(ctx: RoundContext, d: int) -> list[slice]:
-    if ctx.layout.d != d:
-        raise DefenseError(f"layerwise needs the round's layout: layout.d = {ctx.layout.d}, updates have d = {d}")
-    return [layer.slice for layer in ctx.layout if layer.numel > 0]
 
 
 class GramRule:
@@ -99,24 +97,28 @@ class GramRule:
         f = int(ctx.f)
         self.check(n, f)
         cfg = self.config
+        if getattr(cfg, "layerwise", False):
+            flat = type(self)(dataclasses.replace(cfg, layerwise=False))
+            return run_layerwise(flat, updates, ctx)
         clip = getattr(cfg, "clip", None)
-        groups = layer_groups(ctx, d) if getattr(cfg, "layerwise", False) else [slice(0, d)]
+        g = gram(updates)
+        norms = g.diagonal().clamp_min(0).sqrt()
+        radius = median_1d(norms) if clip is not None else None
+        scale = clip_scales(norms, radius) if clip == "median" else None
+        sel = self.select(Geometry(g, scale), ctx, f)
         out = torch.empty(d, dtype=updates.dtype, device=updates.device)
-        picks: list[Selection] = []
-        for cols in groups:
-            x = updates[:, cols]
-            g = gram(x)
-            norms = g.diagonal().clamp_min(0).sqrt()
-            radius = median_1d(norms) if clip is not None else None
-            scale = clip_scales(norms, radius) if clip == "median" else None
-            sel = self.select(Geometry(g, scale), ctx, f)
-            self._reduce(x, sel, scale, f, out[cols])
-            if clip == "median-output":
-                norm = float(out[cols].norm())
-                if norm > float(radius):
-                    out[cols].mul_(float(radius) / norm)
-            picks.append(sel)
-        return self._result(out, picks, groups, n, d, updates)
+        self._reduce(updates, sel, scale, f, out)
+        if clip == "median-output":
+            norm = float(out.norm())
+            if norm > float(radius):
+                out.mul_(float(radius) / norm)
+        diag: dict[str, Any] = dict(sel.info)
+        if sel.scores is not None:
+            diag["scores"] = sel.scores.to(updates.dtype)
+        diag["selected"] = torch.nonzero(sel.accepted).flatten()
+        diag["n_accepted"] = int(sel.accepted.sum())
+        weights = None if sel.weights is None else sel.weights.to(updates.device, updates.dtype)
+        return DefenseResult(delta=out, accepted=sel.accepted.to(updates.device), weights=weights, diagnostics=diag)
 
     def _reduce(self, x: torch.Tensor, sel: Selection, scale: Optional[torch.Tensor], f: int,
                 out: torch.Tensor) -> None:
@@ -132,30 +134,6 @@ class GramRule:
             torch.mul(x[i], float(w[i]), out=out)
         else:
             torch.mv(x.T, w.to(x.device, x.dtype), out=out)
-
-    def _result(self, out: torch.Tensor, picks: list[Selection], groups: list[slice], n: int, d: int,
-                updates: torch.Tensor) -> DefenseResult:
-        dev, dt = updates.device, updates.dtype
-        if len(picks) == 1:
-            sel = picks[0]
-            diag: dict[str, Any] = dict(sel.info)
-            if sel.scores is not None:
-                diag["scores"] = sel.scores.to(dt)
-            diag["selected"] = torch.nonzero(sel.accepted).flatten()
-            diag["n_accepted"] = int(sel.accepted.sum())
-            weights = None if sel.weights is None else sel.weights.to(dev, dt)
-            return DefenseResult(delta=out, accepted=sel.accepted.to(dev), weights=weights, diagnostics=diag)
-        layer_acc = torch.stack([s.accepted for s in picks])
-        accepted = layer_acc.any(0)
-        weights = None
-        if all(s.weights is not None for s in picks):
-            share = torch.tensor([(c.stop - c.start) / d for c in groups], dtype=torch.float64)
-            weights = (share[:, None] * torch.stack([s.weights for s in picks])).sum(0).to(dev, dt)
-        diag = {"layer_accepted": layer_acc, "layers": len(picks), "n_accepted": int(accepted.sum()),
-                "selected": torch.nonzero(accepted).flatten()}
-        if all(s.scores is not None for s in picks):
-            diag["layer_scores"] = torch.stack([s.scores for s in picks]).to(dt)
-        return DefenseResult(delta=out, accepted=accepted.to(dev), weights=weights, diagnostics=diag)
 
 
 def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ callers do on the sorted rows is the same on both paths.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
@@ -89,7 +90,6 @@ def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tens
     comps = network(n_rows, tuple(sorted(set(need))) if need is not None else None)
     width = _block(n_rows)
     blocks = [(c, min(d, c + width)) for c in range(0, d, width)]
-    workers = min(_threads(), len(blocks))
 
     def run(part: list[tuple[int, int]]) -> None:
         buf = torch.empty(n_rows + 1, width, dtype=x.dtype, device=x.device)
@@ -113,7 +113,13 @@ def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tens
                 wires[a], wires[spare] = wires[spare], wires[a]
             fn(wires[:n_rows], slice(c0, c1))
 
-    if workers == 1:
+    _run_parts(run, blocks)
+
+
+def _run_parts(run: Callable[[list[tuple[int, int]]], None], blocks: list[tuple[int, int]]) -> None:
+    """Split column blocks among a few threads (torch ops release the GIL)."""
+    workers = min(_threads(), len(blocks))
+    if workers <= 1:
         run(blocks)
         return
     parts = [blocks[i::workers] for i in range(workers)]
@@ -157,4 +163,70 @@ def column_median(x: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
             torch.add(r[lo], r[hi], out=out[cols]).mul_(0.5)
 
     map_sorted_columns(x, fn, rows=rows, scale=scale, absolute=absolute, need=(lo, hi))
+    return out
+
+
+def row_kth_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest ``|x_ij|`` of each row ``i`` (1-based ``k``), exactly.
+
+    ``torch.kthvalue`` copies the whole matrix plus an int64 index per element
+    (three copies' worth of memory) and quick-selects rows one by one. Here a
+    sample of each row brackets the answer, one blocked pass counts the values
+    below the bracket and gathers the few inside it, and ``kthvalue`` runs on
+    the gathered values only. The sample only affects speed: a row whose
+    bracket misses (checked by counting) falls back to an exact ``kthvalue``.
+    """
+    n, d = x.shape
+    if not 1 <= k <= d:
+        raise ValueError(f"k = {k} out of range for rows of {d} values")
+    if d <= (1 << 16):
+        return torch.kthvalue(x.abs(), k, dim=1).values
+    s = max(1 << 14, min(1 << 18, d // 64))
+    # Golden-ratio positions: spread over the row without aliasing periodic layouts.
+    pos = (torch.arange(s, dtype=torch.float64) * 0.6180339887498949).frac().mul(d).long().clamp_(0, d - 1)
+    sample = torch.sort(x.index_select(1, pos.to(x.device)).abs_(), dim=1).values
+    q = (k - 1) / (d - 1)
+    centre, margin = q * (s - 1), 6.0 * math.sqrt(s * q * (1 - q)) + 32
+    lo_i, hi_i = int(math.floor(centre - margin)), int(math.ceil(centre + margin))
+    lo = sample[:, lo_i] if lo_i > 0 else torch.zeros(n, dtype=x.dtype, device=x.device)
+    hi = sample[:, hi_i] if hi_i < s - 1 else torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
+    lo2, hi2 = lo[:, None], hi[:, None]
+    width = max(1 << 14, min(1 << 17, (1 << 22) // max(n, 1)))
+    blocks = [(c, min(d, c + width)) for c in range(0, d, width)]
+    found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def run(part: list[tuple[int, int]]) -> None:
+        for c0, c1 in part:
+            a = x[:, c0:c1].abs()
+            inside = (a >= lo2) & (a <= hi2)
+            found[c0] = ((a < lo2).sum(1), inside.sum(1), a[inside])
+
+    _run_parts(run, blocks)
+    parts = [found[c0] for c0, _ in blocks]
+    below = torch.stack([p[0] for p in parts]).sum(0)
+    counts = torch.stack([p[1] for p in parts])          # [blocks, n]
+    total = counts.sum(0)
+    rank = k - below                                    # 1-based rank inside the bracket
+    ok = (rank >= 1) & (rank <= total)
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    if bool(ok.any()):
+        # One kthvalue for all rows: row i is padded in front with K - rank_i
+        # copies of -inf so that its K-th smallest is its rank_i-th gathered value.
+        rank_ok = torch.where(ok, rank, torch.ones_like(rank))
+        kk = int(rank_ok.max())
+        shift = kk - rank_ok
+        width_p = int((shift + total).max())
+        padded = torch.full((n, width_p), float("inf"), dtype=x.dtype, device=x.device)
+        padded[torch.arange(width_p, device=x.device)[None, :] < shift[:, None]] = float("-inf")
+        offset = shift.clone()
+        rows_all = torch.arange(n, device=x.device)
+        for (_, cnt, vals) in parts:
+            rows = torch.repeat_interleave(rows_all, cnt)
+            start = torch.cumsum(cnt, 0) - cnt
+            within = torch.arange(vals.numel(), device=x.device) - start[rows]
+            padded[rows, offset[rows] + within] = vals
+            offset += cnt
+        out = torch.kthvalue(padded, kk, dim=1).values
+    for i in torch.nonzero(~ok).flatten().tolist():
+        out[i] = torch.kthvalue(x[i].abs(), k).values
     return out

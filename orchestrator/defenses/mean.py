@@ -19,6 +19,10 @@ class MeanConfig:
 
 
 class Mean:
+    """Mean of the updates, plain or (weighted = true, FedAvg) weighted by sample counts; tolerates no Byzantine input."""
+
+    name = "mean"
+
     def __init__(self, config: MeanConfig) -> None:
         self.config = config
 

@@ -1,0 +1,37 @@
+"""Coordinate-wise median (Yin et al., "Byzantine-Robust Distributed Learning:
+Towards Optimal Statistical Rates", ICML 2018).
+
+Each coordinate of the aggregate is the median of that coordinate over the
+``n`` updates; for even ``n`` the mean of the two middle values. Tolerates
+``f < n / 2`` (no parameter needed). Every update is reported accepted: the rule
+discards values, not clients. Per-column order statistics come from
+:mod:`._order` (sorting networks over blocks of columns on CPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import Config
+from ._order import column_median
+from .base import DefenseResult, RoundContext, check_updates
+
+
+@dataclass(frozen=True, kw_only=True)
+class MedianConfig(Config):
+    """Coordinate-wise median (no parameters)."""
+
+
+class Median:
+    """Coordinate-wise median (mean of the two middle values for even n)."""
+
+    name = "median"
+
+    def __init__(self, config: MedianConfig) -> None:
+        self.config = config
+
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
+        n, _ = check_updates(updates)
+        return DefenseResult(delta=column_median(updates),
+                             accepted=torch.ones(n, dtype=torch.bool, device=updates.device))

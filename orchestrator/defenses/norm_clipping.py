@@ -1,0 +1,56 @@
+"""Norm clipping: scale every update to norm at most ``tau``, then aggregate.
+
+With the default inner rule (mean) this is the clipped mean of Sun et al.,
+"Can You Really Backdoor Federated Learning?" (2019). ``tau`` is fixed when
+given; by default it is the median of the round's update norms (the choice of
+FedSECA and of the Layerwise Cosine paper's median clipping), so at most half
+the rows are shrunk. With a mean, each Byzantine row moves the aggregate by at
+most ``tau / n``. It is also a pre-aggregator: ``inner`` takes any rule spec.
+
+With a mean inside, the clipped matrix is never built (one weighted matrix-vector
+product); other inner rules get a clipped copy of the rows that need it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+from ._common import Config, build_spec, option, sub_context
+from ._geometry import clip_scales
+from ._order import median_1d
+from .base import DefenseResult, RoundContext, check_updates
+from .mean import Mean
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormClippingConfig(Config):
+    """Norm clipping."""
+
+    tau: float | None = option(None, check=lambda v: v > 0, rule="must be > 0")
+    inner: str | dict = "mean"
+
+
+class NormClipping:
+    """Norm clipping: clip each update to norm tau (default: the median norm), then apply the inner rule (default mean)."""
+
+    name = "norm_clipping"
+
+    def __init__(self, config: NormClippingConfig) -> None:
+        self.config = config
+        self.inner = build_spec(config.inner, f"{self.name}.inner")
+
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
+        n, _ = check_updates(updates)
+        norms = torch.linalg.vector_norm(updates, dim=1).to("cpu", torch.float64)
+        tau = self.config.tau if self.config.tau is not None else float(median_1d(norms))
+        scale = clip_scales(norms, tau)
+        diag = {"tau": tau, "clipped": int((scale < 1).sum())}
+        if isinstance(self.inner, Mean) and not self.inner.config.weighted:
+            w = (scale / n).to(updates.device, updates.dtype)
+            return DefenseResult(delta=torch.mv(updates.T, w), accepted=torch.ones(n, dtype=torch.bool, device=updates.device),
+                                 weights=torch.full((n,), 1.0 / n, dtype=updates.dtype, device=updates.device),
+                                 diagnostics=diag)
+        rows = updates if bool((scale == 1).all()) else updates * scale.to(updates.device, updates.dtype)[:, None]
+        res = self.inner(rows, sub_context(ctx, state_key="inner"))
+        res.diagnostics.update(diag)
+        return res

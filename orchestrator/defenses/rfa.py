@@ -1,0 +1,67 @@
+"""RFA: the geometric median by smoothed Weiszfeld iterations (Pillutla, Kakade,
+Harchaoui, "Robust Aggregation for Federated Learning", IEEE TSP 2022).
+
+``z = argmin_z sum_i a_i ||z - x_i||`` approximated by
+``z <- sum_i b_i x_i / sum_i b_i``, ``b_i = a_i / max(nu, ||z - x_i||)``, from the
+(weighted) mean, until the objective's relative change falls below ``tol`` or
+``max_iter`` iterations. Weights ``a_i`` are uniform, or the sample counts with
+``weighted = true``. Breakdown point 1/2 (no parameter ``f``); every client
+contributes with its final Weiszfeld weight (reported in ``weights``).
+
+Every iterate is a convex combination ``z = c^T X`` of the rows, so the
+iterations run on the ``n``-vector ``c`` alone: ``||z - x_i||^2 = G_ii - 2 (G c)_i
++ c^T G c`` from the Gram matrix. The ``[n, d]`` matrix is read twice in all
+(one Gram product, one final ``c^T X``), however many iterations run.
+Options ``layerwise`` and ``clip`` as in :mod:`._gram_rule` (Euclidean only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import Config, option
+from ._geometry import Geometry
+from ._gram_rule import CLIPS, GramRule, Selection
+from .base import RoundContext
+
+
+@dataclass(frozen=True, kw_only=True)
+class RFAConfig(Config):
+    """RFA (smoothed Weiszfeld geometric median)."""
+
+    weighted: bool = False
+    max_iter: int = option(100, check=lambda v: v >= 1, rule="must be >= 1")
+    nu: float = option(1e-6, check=lambda v: v > 0, rule="must be > 0")
+    tol: float = option(1e-6, check=lambda v: v >= 0, rule="must be >= 0")
+    layerwise: bool = False
+    clip: str | None = option(None, *CLIPS)
+
+
+class RFA(GramRule):
+    """RFA: geometric median of the updates by smoothed Weiszfeld iterations (breakdown point 1/2)."""
+
+    name = "rfa"
+
+    def select(self, geom: Geometry, ctx: RoundContext, f: int) -> Selection:
+        n = geom.n
+        if self.config.weighted and ctx.sample_counts is not None:
+            a = ctx.sample_counts.to("cpu", torch.float64)
+            a = a / a.sum()
+        else:
+            a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        g, sq = geom.g, geom.sq_norms
+        c = a.clone()
+        prev = None
+        iters = 0
+        for iters in range(1, self.config.max_iter + 1):
+            gc = g @ c
+            dist = (sq - 2.0 * gc + c @ gc).clamp_min(0.0).sqrt()
+            objective = float(a @ dist)
+            if prev is not None and abs(prev - objective) <= self.config.tol * max(objective, 1e-300):
+                break
+            prev = objective
+            b = a / dist.clamp_min(self.config.nu)
+            c = b / b.sum()
+        return Selection(accepted=torch.ones(n, dtype=torch.bool), weights=c, scores=dist,
+                         info={"iterations": iters, "objective": objective})

@@ -1,0 +1,99 @@
+"""STPA: spatial-temporal pattern analysis (Wang et al., "Byzantine-Resilient
+Federated Learning via Spatial-Temporal Pattern Analysis", Algorithm 1).
+
+Spatial: cosine similarities ``S`` of the updates (from the Gram matrix);
+complete-linkage agglomerative clustering (scipy, on the distances ``1 - S``)
+into two clusters; if the largest cross-cluster similarity is below ``s_t`` the
+larger cluster is kept, otherwise all updates are. A tie in size keeps all
+updates (with no majority there is nothing to prefer one half by). The kept
+updates go to the ``inner`` rule (default: coordinate-wise median, the
+paper's choice) with the same ``f``.
+
+Temporal: with ``delta`` the inner aggregate, ``v <- beta v + (1 - beta) delta``,
+``c = cos(delta, v)``; if ``c <= 0`` the round is skipped (zero delta), else the
+step is ``eta0 * c * v``. ``v`` starts at the first aggregate (an average
+started at zero would shrink the first step by ``1 - beta``) and is updated
+even on skipped rounds, as in Algorithm 1; it lives in ``ctx.state`` (a tensor
+and a number, checkpoint-safe).
+
+Sign convention: the paper's ``Delta w = w_t - w_bar`` is minus our delta; the
+recursion and the cosine are linear and sign-symmetric, so running them on
+deltas and stepping ``w + eta0 c v`` is exactly the paper's ``w - eta c v``.
+No requirement beyond an honest majority; ties in the linkage follow scipy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import Config, build_spec, mask_of, option, sub_context, through_mixing
+from ._geometry import Geometry, gram
+from .base import DefenseResult, RoundContext, check_updates
+
+
+@dataclass(frozen=True, kw_only=True)
+class STPAConfig(Config):
+    """STPA."""
+
+    s_t: float = option(0.02, check=lambda v: -1 <= v <= 1, rule="must be in [-1, 1]")
+    beta: float = option(0.5, check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
+    eta0: float = option(1.0, check=lambda v: v > 0, rule="must be > 0")
+    inner: str | dict = "median"
+
+
+def two_clusters(sim: torch.Tensor) -> torch.Tensor:
+    """Complete-linkage labels (0/1) cutting the dendrogram of ``1 - sim`` at two clusters."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    dist = (1.0 - sim).clamp_min(0.0)
+    dist.fill_diagonal_(0.0)
+    dist = (dist + dist.T) * 0.5
+    tree = linkage(squareform(dist.numpy(), checks=False), method="complete")
+    return torch.from_numpy(fcluster(tree, t=2, criterion="maxclust") - 1).long()
+
+
+class STPA:
+    """STPA: keep the larger of two cosine clusters when they are dissimilar, aggregate it, then step along a momentum that must agree with the aggregate."""
+
+    name = "stpa"
+
+    def __init__(self, config: STPAConfig) -> None:
+        self.config = config
+        self.inner = build_spec(config.inner, f"{self.name}.inner")
+
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
+        n, d = check_updates(updates)
+        cfg = self.config
+        keep = torch.arange(n)
+        cross = 1.0
+        if n >= 2:
+            sim = Geometry(gram(updates)).cosine_similarity()
+            labels = two_clusters(sim)
+            a, b = torch.nonzero(labels == 0).flatten(), torch.nonzero(labels == 1).flatten()
+            if a.numel() and b.numel():
+                cross = float(sim[a][:, b].max())
+                if cross < cfg.s_t and a.numel() != b.numel():
+                    keep = a if a.numel() > b.numel() else b
+        rows = updates if keep.numel() == n else updates.index_select(0, keep.to(updates.device))
+        res = self.inner(rows, sub_context(ctx, state_key="inner", rows=None if keep.numel() == n else keep))
+        agg = res.delta
+        prev = ctx.state.get("v")
+        if isinstance(prev, torch.Tensor) and prev.numel() == d:
+            v = prev.to(agg.device, agg.dtype) * cfg.beta + agg * (1.0 - cfg.beta)
+        else:
+            v = agg.clone()
+        ctx.state["v"] = v.detach().clone()
+        denom = float(agg.norm()) * float(v.norm())
+        c = float(agg @ v) / denom if denom > 0 else 0.0
+        skipped = c <= 0
+        delta = torch.zeros_like(agg) if skipped else v * (cfg.eta0 * c)
+        ctx.state["rounds"] = int(ctx.state.get("rounds", 0)) + 1
+        select = torch.zeros(keep.numel(), n, dtype=torch.float64)
+        select[torch.arange(keep.numel()), keep] = 1.0
+        accepted, _ = through_mixing(res, select, n)
+        diag = {"cluster_kept": mask_of(keep, n, torch.device("cpu")), "cross_similarity": cross,
+                "split": keep.numel() < n, "cosine": c, "skipped": skipped, "n_accepted": int(accepted.sum())}
+        # No per-client weights: the step mixes this round's aggregate with past ones.
+        return DefenseResult(delta=delta, accepted=accepted.to(updates.device), diagnostics=diag)

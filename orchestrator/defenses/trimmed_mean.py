@@ -1,0 +1,65 @@
+"""Coordinate-wise trimmed mean (Yin et al., ICML 2018).
+
+Per coordinate, drop the ``k`` largest and ``k`` smallest of the ``n`` values and
+average the rest, with ``k = f`` (the round's Byzantine count) or, when
+``beta`` is set, ``k = floor(beta * n)``. Requirement: ``n > 2k``.
+
+Computed without sorting every value: with ``lo``/``hi`` the ``(k+1)``-th smallest
+and largest values of a column, the kept values sum to
+``sum_i clamp(x_i, lo, hi) - k (lo + hi)`` (ties included), so only two order
+statistics per column are needed (:mod:`._order`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ._common import Config, need, option
+from ._order import map_sorted_columns
+from .base import DefenseResult, RoundContext, check_updates
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrimmedMeanConfig(Config):
+    """Coordinate-wise trimmed mean."""
+
+    beta: float | None = option(None, check=lambda v: 0 <= v < 0.5, rule="must be in [0, 0.5)")
+    """Fraction trimmed from each end; None trims ``f`` values from each end."""
+
+
+def trimmed_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the middle ``n - 2k`` values of each column of ``x``."""
+    n = x.shape[0]
+    out = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
+    if k == 0:
+        return torch.mean(x, 0, out=out)
+
+    def fn(r: Sequence[torch.Tensor], cols: slice) -> None:
+        lo, hi = r[k], r[n - 1 - k]
+        kept = torch.maximum(torch.minimum(x[:, cols], hi), lo).sum(0)
+        kept -= (lo + hi) * k
+        torch.div(kept, n - 2 * k, out=out[cols])
+
+    map_sorted_columns(x, fn, need=(k, n - 1 - k))
+    return out
+
+
+class TrimmedMean:
+    """Coordinate-wise trimmed mean: drop the k largest and k smallest values per coordinate (k = f, or floor(beta n); n > 2k)."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, config: TrimmedMeanConfig) -> None:
+        self.config = config
+
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
+        n, _ = check_updates(updates)
+        beta = self.config.beta
+        k = int(ctx.f) if beta is None else int(math.floor(beta * n))
+        need(n > 2 * k, self.name, f"n > 2k with k = {'f' if beta is None else 'floor(beta n)'} = {k}", n, int(ctx.f))
+        return DefenseResult(delta=trimmed_mean(updates, k),
+                             accepted=torch.ones(n, dtype=torch.bool, device=updates.device),
+                             diagnostics={"trimmed": k})
