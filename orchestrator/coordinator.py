@@ -167,6 +167,10 @@ class Coordinator:
         fed = self.s.federation
         r_id = self.round_id
         self._await_joiners(r_id)
+        # with nobody alive (e.g. all evicted by a network cut) give nodes a deadline to come back
+        end = time.monotonic() + fed.round_timeout
+        while not self.membership.alive() and time.monotonic() < end and not self.shutdown.is_set():
+            time.sleep(0.1)
         alive_members = self.membership.alive()
         names = {m.node_id: m.name for m in alive_members}
         selected = select(list(names), fed.selection, fed.sample_size, round_generator(self.s.seed, r_id, ROLE_SELECT))
@@ -177,7 +181,6 @@ class Coordinator:
                                "left": [self._name(n) for e, n in events if e == "leave"],
                                "evicted": [self._name(n) for e, n in events if e == "evict"]}
         if not selected:
-            time.sleep(min(1.0, fed.round_timeout))
             row.update(outcome="abandoned: no node alive", reported=0)
             self._finish_row(row)
             return

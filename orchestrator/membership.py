@@ -108,6 +108,11 @@ class Membership:
         with self._lock:
             return [m for m in self._by_id.values() if m.alive]
 
+    def members(self) -> list[Member]:
+        """Every node that ever joined, alive or not."""
+        with self._lock:
+            return list(self._by_id.values())
+
     def is_alive(self, node_id: str) -> bool:
         with self._lock:
             m = self._by_id.get(node_id)

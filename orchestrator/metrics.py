@@ -48,6 +48,8 @@ class MetricsWriter:
         fig, ax1 = plt.subplots(figsize=(7, 4), dpi=110)
         ax1.plot(rounds, [r["accuracy"] for r in done], "o-", color="tab:blue", label="test accuracy")
         ax1.set_xlabel("round")
+        from matplotlib.ticker import MaxNLocator
+        ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax1.set_ylabel("test accuracy", color="tab:blue")
         ax1.set_ylim(0, 1)
         ax1.grid(alpha=0.3)

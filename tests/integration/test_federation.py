@@ -163,3 +163,31 @@ def test_every_bad_upload_is_refused_and_changes_nothing(run_dir):
     assert [row["reported"] for row in rows] == [5, 5, 5]
     assert sum(rows[1]["refused"].values()) == len(codes), (rows[1]["refused"], len(codes))
     assert rows[1]["accuracy"] is not None and rows[2]["accuracy"] >= rows[0]["accuracy"]
+
+
+def test_nodes_reconnect_after_the_orchestrator_was_unreachable(run_dir):
+    """The gRPC server goes away while a round is open, then comes back on the
+    same port: nodes retry with backoff, keep their identity and the round
+    completes. (Eviction and re-join after a longer cut: test_churn.py.)"""
+    from orchestrator.servicer import serve
+
+    s = scenario(federation={"rounds": 4, "round_timeout": 60.0, "lease_seconds": 15.0},
+                 roles=[{"name": "honest", "count": 4}])
+    ids_before = {}
+
+    def outage(kind, info):
+        if kind == "round_open" and info["round"] == 2:
+            ids_before.update({m.name: m.node_id for m in fed.coord.membership.alive()})
+            fed.server.stop(grace=0).wait()
+            import time
+            time.sleep(3.0)
+            fed.server, _ = serve(fed.coord, "127.0.0.1", fed.port, 64)
+
+    fed = Federation(s, run_dir, on_event=outage)
+    with fed:
+        fed.wait()
+    rows = fed.rows()
+    assert [r["reported"] for r in rows] == [4, 4, 4, 4], [r["outcome"] for r in rows]
+    assert {m.name: m.node_id for m in fed.coord.membership.members()} == ids_before  # no new identities
+    logs = "".join((run_dir / "nodes" / f"honest-00{i}.log").read_text() for i in range(4))
+    assert "unreachable" in logs
