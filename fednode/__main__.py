@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -19,6 +20,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="folder with dataset files (IDX, CIFAR batches, .npz)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
     p.add_argument("--behaviour", default=None, help="JSON of the Byzantine behaviour (set by the launcher)")
+    p.add_argument("--behaviour-checked", action="store_true",
+                   help="the launcher checked --behaviour against the scenario: build it at the first round "
+                        "(keeps an idle node torch-free) instead of at start-up")
+    p.add_argument("--churn", default="", help="JSON of the role's self-inflicted churn: crash_phase, "
+                   "crash_probability, crash_at_round, latency_ms, slowdown, train_delay_s, seed")
+    p.add_argument("--train-slots", type=int, default=0,
+                   help="at most this many nodes of this machine compute at once (0: no limit)")
+    p.add_argument("--slot-dir", default=None, help="folder of the training-slot lock files shared by this "
+                   "machine's nodes (default: <tmp>/byzfed-train-slots)")
+    p.add_argument("--idle", choices=("warm", "light"), default="warm",
+                   help="light: shed torch, model and data after each round by re-executing (same PID and "
+                        "identity); warm: keep them loaded")
+    p.add_argument("--after-round", type=int, default=-1, help=argparse.SUPPRESS)  # set by a light re-exec
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -29,20 +43,32 @@ def main(argv=None) -> int:
     if not args.token:
         print("fednode: --token (or $BYZFED_TOKEN) is required", file=sys.stderr)
         return 2
-    from .node import Node, NodeConfig
+    from .churn import ChurnError, ChurnSpec
+    from .node import DeferredBehaviour, Node, NodeConfig
 
+    slot_dir = args.slot_dir or os.path.join(tempfile.gettempdir(), "byzfed-train-slots")
     cfg = NodeConfig(address=args.orchestrator, name=args.name, federation_token=args.token,
-                     data_dir=args.data_dir, threads=args.threads)
+                     data_dir=args.data_dir, threads=args.threads, churn=args.churn, train_slots=args.train_slots,
+                     slot_dir=slot_dir, idle=args.idle, after_round=args.after_round)
     if args.secret:
         cfg.secret = args.secret
+    try:
+        if args.churn:
+            ChurnSpec.from_json(args.churn)
+    except ChurnError as exc:
+        print(f"fednode {args.name}: refusing to start: {exc}", file=sys.stderr)
+        return 2
     behaviour = None
-    if args.behaviour:
+    if args.behaviour and args.behaviour_checked:
+        behaviour = DeferredBehaviour(args.behaviour, args.name)
+    elif args.behaviour:
         from .byzantine import Behaviour, BehaviourError
         try:
             behaviour = Behaviour.from_json(args.behaviour, args.name)
         except BehaviourError as exc:
             print(f"fednode {args.name}: refusing to start: {exc}", file=sys.stderr)
             return 2
+    cfg.relaunch = lambda after_round: _relaunch(argv, cfg.secret, after_round, bool(args.behaviour))
     node = Node(cfg, behaviour)
     signal.signal(signal.SIGTERM, lambda *_: node.stop.set())
     try:
@@ -50,6 +76,21 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         node.stop.set()
         return 130
+
+
+def _relaunch(argv, secret: str, after_round: int, checked: bool) -> None:
+    """Replace this process with a fresh node (same PID, same secret: the re-join gets the
+    same node id) that skips the rounds up to ``after_round``. Never returns."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--after-round" in args:
+        i = args.index("--after-round")
+        del args[i:i + 2]
+    args += ["--after-round", str(after_round)]
+    if checked and "--behaviour-checked" not in args:
+        args.append("--behaviour-checked")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fednode", *args], {**os.environ, "BYZFED_NODE_SECRET": secret})
 
 
 if __name__ == "__main__":

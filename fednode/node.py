@@ -4,22 +4,37 @@ An idle node holds no model or dataset: both are loaded at its first task.
 When the orchestrator is briefly unreachable the node retries with exponential
 backoff; when its lease was lost it re-joins with the same credentials and gets
 its identity back.
+
+Light idle nodes (cross-device): nothing on the idle path imports torch (join,
+heartbeats and task polls need only gRPC, protobuf and numpy: ~45 MB RSS
+instead of ~230 MB). torch, the model and the shard are loaded when the node is
+selected, inside one of the machine's training slots (``fednode.slots``). With
+``idle = "light"`` the node then sheds them after the round by re-executing
+itself (same PID, same secret, hence the same node id on re-join) with
+``--after-round R`` so it does not take round R's task again. State kept in
+memory across rounds (FedDyn/FedSpeed corrections) does not survive that, so
+stateful algorithms run with ``idle = "warm"``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import secrets
+import sys
 import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import grpc
-import torch
 
+from .churn import Churn, ChurnSpec
 from .client import FederationClient, Task
-from .training import TrainConfig, train_local
+from .slots import NoSlots, TrainSlots
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("fednode")
 
@@ -37,12 +52,25 @@ class NodeConfig:
     threads: int = 1
     max_backoff: float = 5.0
     give_up_after: float = 120.0
+    churn: str = ""
+    """JSON of the role's self-inflicted churn (``fednode.churn.ChurnSpec``), '' for none."""
+    train_slots: int = 0
+    """Machine-wide limit of nodes computing at once (0: no limit); see ``fednode.slots``."""
+    slot_dir: Optional[str] = None
+    idle: str = "warm"
+    """'light': shed torch, model and shard after each round (re-exec); 'warm': keep them."""
+    after_round: int = -1
+    """Skip train tasks of rounds <= this (set by a light node's re-exec)."""
+    relaunch: Optional[Callable[[int], None]] = None
+    """Re-executes this node with ``--after-round R`` (set by ``__main__``)."""
 
 
 class Node:
     def __init__(self, config: NodeConfig, behaviour: Any = None) -> None:
         self.cfg = config
-        self.client = FederationClient(config.address)
+        self.churn = Churn(ChurnSpec.from_json(config.churn), config.name) if config.churn else None
+        self.client = FederationClient(config.address, churn=self.churn)
+        self.slots = TrainSlots(config.slot_dir, config.train_slots) if config.train_slots > 0 else NoSlots()
         self.behaviour = behaviour  # Byzantine behaviour (attacks), None for an honest node
         self.stop = threading.Event()
         self._need_rejoin = threading.Event()
@@ -86,6 +114,16 @@ class Node:
                 # unreachable: the main loop's retries handle it
 
     # ----- work -----------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """First use of torch in this process (inside a training slot: importing it is
+        ~1.5 s of CPU): set its threads and build a deferred Byzantine behaviour."""
+        import torch
+
+        if torch.get_num_threads() != self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        if isinstance(self.behaviour, DeferredBehaviour):
+            self.behaviour.build()
+
     def _load_work(self):
         if self._work is None:
             from .workload import build_model, load_dataset, shard_for
@@ -100,7 +138,22 @@ class Node:
         return self._work
 
     def train(self, task: Task, data: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, int]:
-        """Local training on the shard, or on ``data`` (a Byzantine node's poisoned copy)."""
+        """Local training on the shard, or on ``data`` (a Byzantine node's poisoned copy),
+        inside a training slot; then the role's straggling, outside it."""
+        with self.slots.hold():
+            delta, n, seconds = self._train(task, data)
+        self._straggle(seconds)
+        return delta, n
+
+    def _train(self, task: Task, data: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, int, float]:
+        """The compute of :meth:`train` (the caller holds a slot): ``(delta, samples, seconds)``."""
+        import torch
+
+        from .training import TrainConfig, train_local
+
+        if self.slots.waited > 1.0:
+            log.info("%s: round %d: waited %.1fs for a training slot", self.cfg.name, task.round, self.slots.waited)
+        t0 = time.monotonic()
         model, x, y, num_classes = self._load_work()
         if data is not None:
             x, y = data
@@ -110,10 +163,18 @@ class Node:
         g = torch.Generator().manual_seed((seed * 1_000_003 + round_id * 7_919 + zlib.crc32(self.cfg.name.encode())) % (2**63))
         cfg = TrainConfig(**t)
         delta = train_local(model, self.client.session.layout, task.weights, x, y, cfg, g, self.state, num_classes)
-        return delta, len(y)
+        if self.churn is not None:
+            self.churn.crash_point("train", task.round)
+        return delta, len(y), time.monotonic() - t0
+
+    def _straggle(self, seconds: float) -> None:
+        if self.churn is not None:
+            self.churn.straggle(seconds, self.stop)
 
     def run(self) -> int:
-        torch.set_num_threads(self.cfg.threads)
+        if self.cfg.idle == "warm":  # it keeps torch anyway: import it before joining, so round 0 only trains
+            with self.slots.hold():
+                self._warm_up()
         self.join()
         if self.client.session is None:
             return 1
@@ -135,18 +196,41 @@ class Node:
                     break  # the scenario's leave_at_round: leave (finally) and exit
                 if task.kind == "wait":
                     continue
+                if task.round <= self.cfg.after_round:  # done before this process was re-executed
+                    self.stop.wait(min(1.0, max(0.05, task.deadline_unix - time.time())))
+                    continue
+                self._acknowledge(task)
                 self._do_round(task)
+                if self.cfg.idle == "light" and self.cfg.relaunch is not None and "torch" in sys.modules:
+                    log.info("%s: round %d done; re-executing to shed torch, model and data", self.cfg.name, task.round)
+                    self.cfg.relaunch(task.round)
         finally:
             self.stop.set()
             self._leave()
             self.client.close()
         return 0
 
+    def _acknowledge(self, task: Task) -> None:
+        """Tell the orchestrator the whole task arrived (so a loss from now on counts as
+        'during training', not 'during download')."""
+        try:
+            self.client.heartbeat(received_round=task.round)
+        except grpc.RpcError as e:
+            if e.code() in REJOIN_CODES:
+                self._need_rejoin.set()
+
     def _do_round(self, task: Task) -> None:
         if self.behaviour is not None:
+            if "torch" not in sys.modules or isinstance(self.behaviour, DeferredBehaviour) and not self.behaviour.built:
+                with self.slots.hold():  # importing torch and the attacks is compute too
+                    self._warm_up()
+            self._warm_up()
             self.behaviour.run_round(self, task)
             return
-        delta, n = self.train(task)
+        with self.slots.hold():  # one slot for importing torch, loading the shard and training
+            self._warm_up()
+            delta, n, seconds = self._train(task)
+        self._straggle(seconds)
         self.upload(task, delta, n)
 
     def upload(self, task: Task, delta: torch.Tensor, num_samples: int, **overrides) -> bool:
@@ -167,3 +251,42 @@ class Node:
                 self.client.leave("shutdown", timeout=2.0)
         except grpc.RpcError:
             pass
+
+
+class DeferredBehaviour:
+    """A Byzantine behaviour built at the node's first round instead of at start-up
+    (building it imports torch and the attack library). Used only for behaviours the
+    launcher already checked against the scenario (``--behaviour-checked``); a node
+    started by hand checks its behaviour at start-up and refuses to start when it is
+    invalid. Before the role's ``leave_at_round`` the node is kept without building."""
+
+    def __init__(self, text: str, node_name: str) -> None:
+        self.text, self.name = text, node_name
+        self._leave_at = int(json.loads(text).get("leave_at_round", -1))
+        self._real = None
+
+    @property
+    def built(self) -> bool:
+        return self._real is not None
+
+    def build(self):
+        if self._real is None:
+            from .byzantine import Behaviour
+
+            self._real = Behaviour.from_json(self.text, self.name)
+        return self._real
+
+    def keep_going(self, node: Any, task: Task) -> bool:
+        if self._real is None and (self._leave_at < 0 or task.round < self._leave_at):
+            return True
+        return self.build().keep_going(node, task)
+
+    def run_round(self, node: Any, task: Task) -> None:
+        self.build().run_round(node, task)
+
+    def prepare_data(self, x, y, num_classes: int):
+        return self.build().prepare_data(x, y, num_classes)
+
+    def close(self) -> None:
+        if self._real is not None:
+            self._real.close()

@@ -5,6 +5,7 @@ group (``collective``) and the defense registry. One ``run()`` drives all rounds
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ from fednode.workload import build_model, load_dataset
 from proto.layout import Layout
 
 from . import checkpoint
+from .async_mode import AsyncKeeper, AsyncRounds
 from .collective import AggregationGroup, pick_device
 from .defenses import RoundContext, build_defense
 from .errors import Refusal
@@ -28,6 +30,40 @@ from .rounds import Round, RoundKeeper
 from .scenario import Scenario
 from .selection import select
 from .server_step import parameter_mask, server_step_for_algorithm
+
+
+def _glibc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.mallopt  # noqa: B018 - glibc has it, musl does not
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC = None
+M_MMAP_THRESHOLD = -3
+
+
+def steady_heap() -> None:
+    """Keep the orchestrator's RSS flat over rounds (glibc). A round allocates n update
+    buffers of 4d bytes in gRPC worker threads and frees them a round later. glibc raises
+    its mmap threshold after the first large free and then serves such buffers from
+    per-thread arenas, where they fragment: RSS grew by ~280 MB over the first rounds of
+    the cross-device benchmark. A fixed threshold keeps every buffer >= 1 MiB in its own
+    mapping, returned to the OS when freed; ``malloc_trim`` after each round returns the
+    rest."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def trim_heap() -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def round_generator(seed: int, round_id: int, role: int) -> torch.Generator:
@@ -65,7 +101,11 @@ class Coordinator:
         self.step_state: dict[str, Any] = {}
         self._param_mask = parameter_mask(self.layout)
         self.membership = Membership(federation_token, scenario.federation.lease_seconds)
-        self.keeper = RoundKeeper()
+        fed = scenario.federation
+        self.keeper: RoundKeeper | AsyncKeeper = (
+            AsyncKeeper(fed.buffer_size, fed.max_staleness, fed.round_timeout) if fed.mode == "async" else RoundKeeper())
+        self._started = time.monotonic()
+        steady_heap()
         self.roster = {name: (i, role) for i, (name, role) in enumerate(scenario.node_roles())}
         self.byzantine_names = {name for name, (_, role) in self.roster.items() if role.byzantine}
         self.metrics = MetricsWriter(run_dir)
@@ -95,7 +135,7 @@ class Coordinator:
         t = asdict(self.s.training)
         t["seed"] = self.s.seed
         t["round"] = r.round_id
-        t["num_selected"] = len(r.selected)  # n, for attacks that need the round's size
+        t["num_selected"] = r.num_selected  # n, for attacks that need the round's size (async: B)
         return json.dumps(t)
 
     def weights_payload(self, model_version: int) -> bytes:
@@ -127,9 +167,12 @@ class Coordinator:
 
     def _expire_loop(self) -> None:
         while not self.shutdown.wait(0.25):
-            for m in self.membership.expire():
-                self.on_event("evicted", {"node": m.name})
+            self._evict_expired()
             self.keeper.notify()
+
+    def _evict_expired(self) -> None:
+        for m in self.membership.expire():
+            self.on_event("evicted", {"node": m.name})
 
     def wait_for_nodes(self) -> int:
         want = self.s.federation.min_nodes or self.expected_at_start
@@ -142,19 +185,23 @@ class Coordinator:
         return len(self.membership.alive())
 
     def run(self) -> dict[str, Any]:
-        start = time.monotonic()
+        start = self._started = time.monotonic()
         threading.Thread(target=self._expire_loop, name="lease-expiry", daemon=True).start()
         joined = self.wait_for_nodes()
         self.on_event("ready", {"joined": joined, "expected": len(self.roster)})
         fed = self.s.federation
+        step = AsyncRounds(self).step if fed.mode == "async" else self._one_round
         try:
             while self.round_id < fed.rounds and not self.shutdown.is_set():
-                self._one_round()
+                step()
+                trim_heap()
                 self.round_id += 1
                 if self.s.output.checkpoint_every and self.round_id % self.s.output.checkpoint_every == 0:
                     self._checkpoint()
         finally:
             self.shutdown.set()
+            if isinstance(self.keeper, AsyncKeeper):
+                self.keeper.close()
             self.keeper.notify()
         wall = time.monotonic() - start
         summary = self.metrics.summary(wall, {"scenario": self.s.name, "defense": self.s.defense.name,
@@ -162,6 +209,15 @@ class Coordinator:
         if self.s.output.plot:
             self.metrics.plot(f"{self.s.name}: {self.s.model.name} on {self.s.data.dataset}, {self.s.defense.name}")
         return summary
+
+    def _membership_row(self, r_id: int) -> dict[str, Any]:
+        """The start of a metrics row: membership now and the joins/leaves since the last row."""
+        events = self.membership.drain_events()
+        return {"round": r_id, "model_version": self.model_version, "alive": len(self.membership.alive()),
+                "joined": [self._name(n) for e, n in events if e == "join"],
+                "left": [self._name(n) for e, n in events if e == "leave"],
+                "evicted": [self._name(n) for e, n in events if e == "evict"],
+                "late_refused": self.keeper.drain_late()}
 
     def _one_round(self) -> None:
         fed = self.s.federation
@@ -171,36 +227,47 @@ class Coordinator:
         end = time.monotonic() + fed.round_timeout
         while not self.membership.alive() and time.monotonic() < end and not self.shutdown.is_set():
             time.sleep(0.1)
-        alive_members = self.membership.alive()
-        names = {m.node_id: m.name for m in alive_members}
-        selected = select(list(names), fed.selection, fed.sample_size, round_generator(self.s.seed, r_id, ROLE_SELECT))
-        events = self.membership.drain_events()
-        row: dict[str, Any] = {"round": r_id, "model_version": self.model_version, "alive": len(alive_members),
-                               "selected": len(selected),
-                               "joined": [self._name(n) for e, n in events if e == "join"],
-                               "left": [self._name(n) for e, n in events if e == "leave"],
-                               "evicted": [self._name(n) for e, n in events if e == "evict"]}
+        self._evict_expired()  # a node whose lease just ran out is never selected
+        names = {m.node_id: m.name for m in self.membership.alive()}
+        selected = select(list(names), fed.selection, fed.sample_size, round_generator(self.s.seed, r_id, ROLE_SELECT),
+                          over_selection=fed.over_selection)
+        row = self._membership_row(r_id)
+        row.update(alive=len(names), selected=len(selected), selected_nodes=sorted(names[n] for n in selected))
         if not selected:
             row.update(outcome="abandoned: no node alive", reported=0)
             self._finish_row(row)
             return
         self.weights_payload(self.model_version)
         t0 = time.monotonic()
-        self.keeper.open(r_id, self.model_version, set(selected), fed.round_timeout, fed.quorum)
+        # over-selection: close once sample_size reported; the rest are refused as late
+        target = fed.sample_size if fed.selection == "sample" and fed.over_selection > 1 else 0
+        self.keeper.open(r_id, self.model_version, set(selected), fed.round_timeout, fed.quorum, target=target)
         self.on_event("round_open", {"round": r_id, "selected": [names[n] for n in selected]})
         rnd = self.keeper.wait_close(self.membership.is_alive)
         t_collect = time.monotonic() - t0
         uploads = [rnd.uploads[n] for n in sorted(rnd.uploads)]
+        phases = {self._name(n): p for n, p in rnd.dropped_phases().items()}
         row.update(outcome=rnd.outcome, reported=len(uploads), quorum=rnd.quorum,
-                   missing=sorted(self._name(n) for n in rnd.missing), refused=dict(rnd.refused),
+                   missing=sorted(phases), refused=dict(rnd.refused),
+                   dropped={p: sum(1 for v in phases.values() if v == p) for p in ("download", "train", "upload")},
+                   dropped_at=dict(sorted(phases.items())),
+                   late=sum(1 for n in rnd.missing if self.membership.is_alive(n) and n not in rnd.broken),
                    bytes_received=sum(u.num_bytes for u in uploads), t_collect=round(t_collect, 4))
         row["byzantine_selected"] = sum(1 for n in selected if self._name(n) in self.byzantine_names)
         if rnd.outcome.startswith("abandoned"):
             self._finish_row(row)
             return
+        self._aggregate(uploads, row, r_id)
+
+    def _aggregate(self, uploads: list, row: dict[str, Any], r_id: int, scale: Optional[torch.Tensor] = None) -> None:
+        """Defend, apply, evaluate and write the row: the same for a round and an async step.
+        ``scale``: per-row factors applied before the defense (async staleness weights)."""
+        fed = self.s.federation
         t1 = time.monotonic()
-        rows = torch.stack([u.delta for u in uploads]).to(self.device)
-        updates, _ = self.group.gather_rows(rows)
+        rows = torch.stack([u.delta for u in uploads])
+        if scale is not None:
+            rows = rows * scale.to(rows.dtype)[:, None]
+        updates, _ = self.group.gather_rows(rows.to(self.device))
         ctx = RoundContext(layout=self.layout, global_weights=self.global_vec.to(self.device), round=r_id,
                            f=self.s.defense.f, generator=round_generator(self.s.seed, r_id, ROLE_DEFENSE),
                            state=self.defense_state, model_fn=self._model_fn,
@@ -220,9 +287,13 @@ class Coordinator:
         accepted = {self._name(u.node_id): bool(a) for u, a in zip(uploads, result.accepted.cpu().tolist())}
         t2 = time.monotonic()
         acc, loss = evaluate(self.model, self.layout, self.global_vec, self.dataset.test_x, self.dataset.test_y)
-        row.update(accuracy=acc, loss=loss, accepted=sum(accepted.values()),
+        n_acc = sum(accepted.values())
+        byz_acc = sum(1 for n, ok in accepted.items() if ok and n in self.byzantine_names)
+        row.update(accuracy=acc, loss=loss, accepted=n_acc,
                    rejected=sorted(n for n, ok in accepted.items() if not ok),
-                   byzantine_accepted=sum(1 for n, ok in accepted.items() if ok and n in self.byzantine_names),
+                   byzantine_accepted=byz_acc,
+                   byzantine_share_selected=round(row.get("byzantine_selected", 0) / max(1, row.get("selected", 0)), 4),
+                   byzantine_share_accepted=round(byz_acc / max(1, n_acc), 4),
                    t_aggregate=round(t_aggregate, 4), t_evaluate=round(time.monotonic() - t2, 4),
                    update_norm=float(delta.norm()))
         if self.byzantine_names:
@@ -241,6 +312,7 @@ class Coordinator:
             time.sleep(0.05)
 
     def _finish_row(self, row: dict[str, Any]) -> None:
+        row["wall"] = round(time.monotonic() - self._started, 3)  # seconds since the run started
         self.metrics.write(row)
         self.on_event("round_closed", row)
 

@@ -68,6 +68,17 @@ class LiveProgress:
             parts.append(f"rejected {len(row['rejected'])}")
         if row.get("missing"):
             parts.append(f"[yellow]missing {', '.join(row['missing'][:5])}{' …' if len(row['missing']) > 5 else ''}[/]")
+        dropped = {k: v for k, v in (row.get("dropped") or {}).items() if v}
+        if dropped:
+            parts.append("[yellow]dropped " + " ".join(f"{k}:{v}" for k, v in dropped.items()) + "[/]")
+        stale = (row.get("refused") or {}).get("stale", 0)
+        if stale:
+            parts.append(f"stale refused {stale}")
+        if row.get("staleness_max") is not None:
+            parts.append(f"staleness {row['staleness_mean']:.1f}/{row['staleness_max']}")
+        if row.get("byzantine_selected"):
+            parts.append(f"byz {row['byzantine_selected']}/{row.get('selected', 0)}"
+                         + (f"→{row['byzantine_accepted']}" if row.get("byzantine_accepted") is not None else ""))
         for key in ("joined", "left", "evicted"):
             if row.get(key):
                 parts.append(f"{key} {len(row[key])}")

@@ -2,9 +2,16 @@
 
 A round opens with its selected nodes, a deadline and a quorum. Uploads are
 checked against it (selected, right round and model version, one per node) and
-stored whole or not at all. It closes when every selected node reported, or at
-the deadline — early if every node still missing is dead. With the quorum met it
-is aggregated, otherwise abandoned with the reason recorded.
+stored whole or not at all. It closes when every selected node reported (or,
+with over-selection, when ``target`` of them did), or at the deadline — early if
+every node still missing is dead or broke off its upload (a broken stream is
+discarded and ends the node's part in the round: one attempt per round). With
+the quorum met it is aggregated, otherwise abandoned with the reason recorded.
+
+Where a missing node was lost is inferred from what the orchestrator saw
+(:meth:`Round.dropped_phases`): it never confirmed the whole task
+(``download``), it confirmed the task but started no upload (``train``), or its
+upload started and never completed (``upload``: a broken stream, discarded).
 """
 from __future__ import annotations
 
@@ -41,10 +48,28 @@ class Round:
     closed: bool = False
     outcome: str = ""
     closed_at: float = 0.0
+    target: int = 0
+    """Close as soon as this many reported (over-selection); 0: all selected."""
+    downloaded: set[str] = field(default_factory=set)
+    """Nodes that confirmed they received the whole task."""
+    upload_started: set[str] = field(default_factory=set)
+    """Nodes whose upload header was accepted (the stream may have broken since)."""
+    broken: set[str] = field(default_factory=set)
+    """Nodes whose upload stream broke (the client died or cut it): one attempt per round,
+    so a node restarted after a crash waits for the next round instead of retrying this one."""
+
+    @property
+    def num_selected(self) -> int:
+        return len(self.selected)
 
     @property
     def missing(self) -> set[str]:
         return set(self.selected) - set(self.uploads)
+
+    def dropped_phases(self) -> dict[str, str]:
+        """``{node_id: phase}`` of the missing nodes: where each was lost (see the module docstring)."""
+        return {n: "upload" if n in self.upload_started else "train" if n in self.downloaded else "download"
+                for n in self.missing}
 
 
 def quorum_count(quorum: float, selected: int) -> int:
@@ -61,20 +86,23 @@ class RoundKeeper:
         self._cond = threading.Condition()
         self.current: Optional[Round] = None
         self.last_closed_id = -1
+        self.late_refused = 0  # uploads that came after their round closed, since the last drain_late()
 
-    def open(self, round_id: int, model_version: int, selected: set[str], timeout: float, quorum: float) -> Round:
+    def open(self, round_id: int, model_version: int, selected: set[str], timeout: float, quorum: float,
+             target: int = 0) -> Round:
         with self._cond:
             now = self._clock()
             self.current = Round(round_id, model_version, frozenset(selected), quorum_count(quorum, len(selected)),
-                                 now, now + timeout)
+                                 now, now + timeout, target=target if 0 < target < len(selected) else 0)
             self._cond.notify_all()
             return self.current
 
     def task_for(self, node_id: str) -> Optional[Round]:
-        """The open round if ``node_id`` is selected and has not uploaded yet."""
+        """The open round if ``node_id`` is selected and has not uploaded (or broken an upload) yet."""
         with self._cond:
             r = self.current
-            if r and not r.closed and node_id in r.selected and node_id not in r.uploads and node_id not in r.in_flight:
+            if (r and not r.closed and node_id in r.selected and node_id not in r.uploads and node_id not in r.in_flight
+                    and node_id not in r.broken):
                 return r
             return None
 
@@ -87,6 +115,13 @@ class RoundKeeper:
                 if r is not None or left <= 0:
                     return r
                 self._cond.wait(min(left, 0.5))
+
+    def mark_downloaded(self, node_id: str, round_id: int) -> None:
+        """The node confirmed it received the whole task of ``round_id``."""
+        with self._cond:
+            r = self.current
+            if r is not None and r.round_id == round_id and node_id in r.selected:
+                r.downloaded.add(node_id)
 
     def _refuse(self, r: Optional[Round], reason: str, msg: str) -> Refusal:
         return Refusal(reason, msg)
@@ -105,6 +140,8 @@ class RoundKeeper:
             if r is None or round_id != r.round_id or r.closed:
                 state = "no round is open" if r is None else (
                     f"round {r.round_id} is {'closed' if r.closed else 'open'}")
+                if r is not None and (round_id < r.round_id or r.closed):
+                    self.late_refused += 1
                 raise self._refuse(r, "stale", f"stale upload for round {round_id}: {state}")
             if node_id not in r.selected:
                 raise self._refuse(r, "permission_denied", f"node {node_id} was not selected for round {round_id}")
@@ -113,13 +150,20 @@ class RoundKeeper:
                                                f"trains version {r.model_version}")
             if node_id in r.uploads or node_id in r.in_flight:
                 raise self._refuse(r, "duplicate", f"node {node_id} already sent an update for round {round_id}")
+            if node_id in r.broken:
+                raise self._refuse(r, "duplicate", f"node {node_id}'s upload for round {round_id} broke off; "
+                                                   "one attempt per round")
             r.in_flight.add(node_id)
+            r.upload_started.add(node_id)
             return r
 
     def abort_upload(self, r: Round, node_id: str, reason: str) -> None:
-        """Drop a half-received upload: nothing of it is kept."""
+        """Drop a half-received upload: nothing of it is kept. A broken stream (reason
+        ``broken_stream``) also ends the node's part in the round."""
         with self._cond:
             r.in_flight.discard(node_id)
+            if reason == "broken_stream":
+                r.broken.add(node_id)
             r.refused[reason] = r.refused.get(reason, 0) + 1
             self._cond.notify_all()
 
@@ -127,6 +171,7 @@ class RoundKeeper:
         with self._cond:
             r.in_flight.discard(upload.node_id)
             if r.closed or self.current is not r:
+                self.late_refused += 1
                 raise self._refuse(r, "stale", f"round {r.round_id} closed ({r.outcome}) before the upload finished")
             r.uploads[upload.node_id] = upload
             self._cond.notify_all()
@@ -142,10 +187,13 @@ class RoundKeeper:
                 if not missing:
                     outcome = "complete"
                     break
+                if r.target and len(r.uploads) >= r.target:
+                    outcome = "target"
+                    break
                 if now >= r.deadline:
                     outcome = "deadline"
                     break
-                if not r.in_flight and not any(is_alive(n) for n in missing):
+                if not r.in_flight and not any(is_alive(n) and n not in r.broken for n in missing):
                     outcome = "dead-nodes"
                     break
                 self._cond.wait(min(poll, max(0.0, r.deadline - now)))
@@ -155,6 +203,11 @@ class RoundKeeper:
             self.last_closed_id = r.round_id
             self._cond.notify_all()
             return r
+
+    def drain_late(self) -> int:
+        with self._cond:
+            n, self.late_refused = self.late_refused, 0
+            return n
 
     def notify(self) -> None:
         with self._cond:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from rich.console import Console
 
 from .adversary import ByzantineSupport
+from .churn import Restarter, churn_json, launch_args, restartable
 from .coordinator import Coordinator
 from .progress import LiveProgress, summary_table
 from .scenario import RoleSection, Scenario
@@ -40,6 +41,10 @@ class ChildProcesses:
         with self._lock:
             self.procs[name] = proc
         return proc
+
+    def snapshot(self) -> dict[str, subprocess.Popen]:
+        with self._lock:
+            return dict(self.procs)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         with self._lock:
@@ -87,6 +92,9 @@ def node_argv(address: str, name: str, token: str, role: RoleSection, scenario: 
     b = behaviour_json(role, scenario.seed, extra)
     if b:
         argv += ["--behaviour", b]
+    c = churn_json(role, scenario.seed)
+    if c:
+        argv += ["--churn", c]
     return argv
 
 
@@ -143,6 +151,7 @@ def run_scenario(scenario: Scenario, run_dir: Path, console: Optional[Console] =
                 coord.await_joiners.setdefault(role.rejoin_at_round, set()).add(name)
         if late:
             threading.Thread(target=_late_joiners, args=(coord, start, late), daemon=True).start()
+        Restarter(children, start, dict(scenario.node_roles()), coord.shutdown).begin()
         coord.expected_at_start = sum(1 for _, r in scenario.node_roles()
                                       if r.join_at_round <= 0 and r.join_after_seconds <= 0)
     try:
@@ -168,11 +177,12 @@ def _starter(children: ChildProcesses, address: str, token: str, scenario: Scena
              support: ByzantineSupport):
     """``start(name, role, key)``: spawn one node process, tracked under ``key``. Nodes that
     rejoin get one fixed secret (in their environment, not argv) for all their processes."""
-    node_secrets = {n: secrets.token_hex(16) for n, r in scenario.node_roles() if r.rejoin_at_round > 0}
+    node_secrets = {n: secrets.token_hex(16) for n, r in scenario.node_roles() if r.rejoin_at_round > 0 or restartable(r)}
+    options = launch_args(scenario, run_dir)  # idle mode, training slots
 
     def start(name: str, role: RoleSection, key: str) -> None:
         env = {"BYZFED_NODE_SECRET": node_secrets[name]} if name in node_secrets else None
-        argv = node_argv(address, name, token, role, scenario, support.behaviour_extra(name, role))
+        argv = node_argv(address, name, token, role, scenario, support.behaviour_extra(name, role)) + options
         children.spawn(key, argv, run_dir / "nodes" / f"{name}.log", env)
     return start
 

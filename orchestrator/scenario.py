@@ -65,6 +65,23 @@ class FederationSection:
     server_lr: float = 1.0
     host: str = "127.0.0.1"
     port: int = 0
+    over_selection: float = 1.0
+    """Sample mode: select ceil(sample_size * over_selection) nodes and close the round once
+    sample_size of them reported (the rest are refused as late)."""
+    mode: Literal["sync", "async"] = "sync"
+    """async: buffered asynchronous aggregation (FedBuff), see orchestrator/async_mode.py."""
+    buffer_size: int = 10
+    """Async: aggregate every this many accepted updates (B)."""
+    max_staleness: int = 4
+    """Async: refuse an update based on a model more than this many versions old."""
+    staleness_weighting: Literal["constant", "polynomial"] = "polynomial"
+    """Async: row weight 1, or (1 + staleness)^-staleness_exponent (FedBuff)."""
+    staleness_exponent: float = 0.5
+    idle_nodes: Literal["auto", "light", "warm"] = "auto"
+    """light: a node sheds torch, model and data after each round (re-exec, same identity);
+    warm: keeps them. auto: light for sync sample selection (cross-device), else warm."""
+    train_slots: int = 0
+    """At most this many local nodes compute at once (0: this machine's cores); fednode/slots.py."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +114,20 @@ class RoleSection:
     """Start the node this many seconds after the run starts (0: with the others)."""
     rejoin_at_round: int = -1
     """After leave_at_round, start the node again at this round with the same credentials."""
+    crash_phase: Literal["", "download", "train", "upload"] = ""
+    """SIGKILL itself at this point of a round (fednode/churn.py), with crash_probability / crash_at_round."""
+    crash_probability: float = 0.0
+    """Per selected round, drawn from (seed, round, node)."""
+    crash_at_round: int = -1
+    restart_after_seconds: float = -1.0
+    """After a crash (death by a signal), the launcher starts the node again this many seconds
+    later with the same secret, so it gets its node id back (-1: never)."""
+    latency_ms: float = 0.0
+    """Added before every RPC the node makes."""
+    slowdown: float = 1.0
+    """Straggler: the node takes slowdown x its training time before uploading."""
+    train_delay_s: float = 0.0
+    """Straggler: a fixed extra delay before uploading."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,6 +262,8 @@ def _validate(s: Scenario) -> None:
              "needs leave_at_round >= 0 and must be > leave_at_round")
     from .adversary import check_roles  # attack names, params, schedules and knowledge vs [adversary]
     check_roles(s, need)
+    from .churn import check_churn  # crash/straggler role keys, async and cross-device federation keys
+    check_churn(s, need)
 
 
 def from_dict(raw: dict[str, Any]) -> Scenario:

@@ -70,6 +70,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             m = self.coord.membership.heartbeat(request.session.node_id, request.session.session_token)
         except Refusal as r:
             self._abort(context, r)
+        if request.HasField("received_round"):
+            self.coord.keeper.mark_downloaded(m.node_id, request.received_round)
         return pb.HeartbeatReply(lease_seconds=self.coord.membership.lease_seconds, current_round=self.coord.round_id,
                                  selected=self.coord.keeper.task_for(m.node_id) is not None,
                                  shutdown=self.coord.shutdown.is_set())
@@ -101,7 +103,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         if rnd is None:
             yield pb.TaskChunk(header=pb.TaskHeader(kind=pb.TaskHeader.WAIT, round=c.round_id))
             return
-        buf = memoryview(c.weights_payload(rnd.model_version))
+        # async tickets carry the weights of their version (the model may move on meanwhile)
+        buf = memoryview(getattr(rnd, "payload", b"") or c.weights_payload(rnd.model_version))
         header = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, round=rnd.round_id, model_version=rnd.model_version,
                                deadline_unix=time.time() + (rnd.deadline - time.monotonic()),
                                train_json=c.train_json(rnd), layout_hash=c.layout_hash,
@@ -140,6 +143,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                 raise Refusal("invalid", f"update has {bad} non-finite values (NaN or Inf)")
             upload = Upload(member.node_id, delta, int(h.num_samples), asm.received, time.monotonic() - started)
         except codec.CodecError as e:
+            if e.reason == "truncated" and _client_gone(context):  # the client died mid-stream
+                c.keeper.abort_upload(rnd, member.node_id, "broken_stream")
+                context.abort(grpc.StatusCode.CANCELLED, "the upload stream broke off")
             reason = CODEC_REASON[e.reason]
             c.keeper.abort_upload(rnd, member.node_id, reason)
             context.abort(STATUS[reason], str(e))
@@ -156,6 +162,18 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._abort(context, r)
         return pb.PushUpdateReply(accepted=True, round=rnd.round_id, bytes_received=upload.num_bytes,
                                   message="stored")
+
+
+def _client_gone(context: grpc.ServicerContext, wait: float = 0.5) -> bool:
+    """Whether a stream that ended early was cut by the client's death rather than closed
+    on purpose: a dead client's call is cancelled within moments (the end of its stream can
+    be seen a little before the cancellation), a live one waits for its answer."""
+    end = time.monotonic() + wait
+    while context.is_active():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def grpc_options() -> list[tuple[str, int]]:

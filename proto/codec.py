@@ -2,17 +2,23 @@
 
 The only module besides the servicer and the node's client that touches the
 generated message types. Tensors are float32, little-endian, flat; no pickle.
+
+torch is imported inside the functions that return or take tensors: an idle
+node decodes nothing and must not pay torch's ~200 MB for importing this module
+(``decode_array`` is the torch-free path).
 """
 from __future__ import annotations
 
 import sys
 import zlib
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
-import torch
 
 from proto.byzfed.v1 import federation_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 FLOAT32 = "float32"
@@ -32,6 +38,8 @@ class CodecError(ValueError):
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Zero-copy little-endian float32 view of a CPU tensor's storage."""
+    import torch
+
     t = t.detach().to("cpu", torch.float32).contiguous().reshape(-1)
     return memoryview(t.numpy()).cast("B")
 
@@ -77,11 +85,18 @@ class Assembler:
         self._crc = zlib.crc32(data, self._crc)
         self.received = end
 
-    def finish(self) -> torch.Tensor:
+    def finish_array(self) -> np.ndarray:
+        """The checked float32 vector as a numpy array (no torch needed)."""
         if self.received != self.header.num_bytes:
             raise CodecError("truncated", f"stream ended after {self.received} of {self.header.num_bytes} declared bytes")
         if self._crc != self.header.crc32:
             raise CodecError("checksum", "CRC-32 of the received bytes does not match the header")
+        return np.frombuffer(self.buffer, dtype="<f4")
+
+    def finish(self) -> torch.Tensor:
+        import torch
+
+        self.finish_array()  # the checks
         return torch.frombuffer(self.buffer, dtype=torch.float32)
 
 
@@ -92,9 +107,19 @@ def decode_stream(header: pb.TensorHeader, chunks: Iterable[bytes], expected_byt
     return asm.finish()
 
 
+def decode_array(header: pb.TensorHeader, chunks: Iterable[bytes], expected_bytes: int | None = None) -> np.ndarray:
+    """As :func:`decode_stream`, into a numpy float32 array (torch-free)."""
+    asm = Assembler(header, expected_bytes)
+    for data in chunks:
+        asm.add(data)
+    return asm.finish_array()
+
+
 def count_nonfinite(t: torch.Tensor) -> int:
     """Number of NaN/Inf entries (numpy's SIMD path: ~25x faster than torch.isfinite on CPU)."""
     if t.device.type != "cpu":
+        import torch
+
         return int((~torch.isfinite(t)).sum())
     finite = np.isfinite(t.numpy())
     return 0 if finite.all() else int(finite.size - finite.sum())

@@ -8,15 +8,19 @@ whose column slices are the layers (zero-copy views).
 
 Integer buffers (``num_batches_tracked``) never travel: they carry no learned
 information and cannot be averaged.
+
+torch is imported only by the methods that touch tensors, so that an idle node
+can parse its layout (``from_json``, ``hash``) without loading torch.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class Layout:
 
     def flatten(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate the layout's tensors of ``state`` into one float32 vector."""
+        import torch
+
         return torch.cat([state[layer.name].detach().reshape(-1).to(torch.float32) for layer in self.layers]) if self.layers else torch.zeros(0)
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -88,6 +94,8 @@ class Layout:
 
     def load_into(self, module: torch.nn.Module, vector: torch.Tensor) -> None:
         """Copy ``vector`` into the module's parameters and float buffers in place."""
+        import torch
+
         state = module.state_dict()
         with torch.no_grad():
             for name, value in self.unflatten(vector).items():

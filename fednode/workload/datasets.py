@@ -318,12 +318,26 @@ def _load_idx_dataset(kind: str, root: Path, option: str | None) -> Dataset:
 # CIFAR-10
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10's official python batches are pickles of a dict of numpy arrays and
+    lists. Only the globals such a file needs may be loaded, so a crafted file
+    cannot run code; anything else is refused."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch file")
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    # CIFAR-10's official python distribution IS a set of pickles. This reads only
-    # the local, user-provided dataset files found under data_dir; it never sees
-    # network data. (pickle can run code: only point data_dir at trusted files.)
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        try:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{path}: not a CIFAR-10 batch ({exc})") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: not a CIFAR-10 batch (expected a dict)")
     data = batch.get(b"data", batch.get("data"))

@@ -117,7 +117,10 @@ def _summary(name: str) -> str:
 def describe() -> str:
     """The registry as text: each defense, its one-line doc, and each parameter
     with its type, default and allowed values."""
-    lines = ["Registered defenses (nested rule specs: a name or {name = ..., <params>}):", ""]
+    lines = ["Registered defenses. A nested rule spec (inner) is a name or a table {name = ..., <params>}.",
+             "Layerwise Cosine Aggregation variants of krum, multikrum, bulyan, geomed: original {},",
+             "layerwise {layerwise = true}, cosine {distance = \"cosine\", clip = \"median\"},",
+             "layerwise cosine {layerwise = true, distance = \"cosine\", clip = \"median\"}.", ""]
     for name in REGISTRY:
         lines.append(f"{name}")
         lines.append(f"    {_summary(name)}")
@@ -127,10 +130,12 @@ def describe() -> str:
         if not params:
             lines.append("    (no parameters)")
         for pname, ptype, default in params:
-            choices = fields[pname].metadata.get("choices") or ()
-            rule = fields[pname].metadata.get("rule")
+            meta = fields[pname].metadata
+            choices, rule, doc = meta.get("choices") or (), meta.get("rule"), meta.get("doc")
             extra = f"  one of {' | '.join(map(repr, choices))}" if choices else (f"  ({rule})" if rule else "")
             lines.append(f"    {pname}: {ptype} = {default!r}{extra}")
+            if doc:
+                lines.append(f"        {doc}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -24,9 +24,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def option(default: Any, *choices: Any, check: Optional[Callable[[Any], bool]] = None, rule: str = "") -> Any:
-    """A config field with allowed ``choices`` or a ``check`` (``rule`` words the check)."""
-    return field(default=default, metadata={"choices": choices, "check": check, "rule": rule})
+def option(default: Any, *choices: Any, check: Optional[Callable[[Any], bool]] = None, rule: str = "",
+           doc: str = "") -> Any:
+    """A config field with allowed ``choices`` or a ``check`` (``rule`` words the
+    check) and a one-line ``doc`` for the listing."""
+    return field(default=default, metadata={"choices": choices, "check": check, "rule": rule, "doc": doc})
 
 
 def _type_ok(value: Any, annotation: str) -> bool:

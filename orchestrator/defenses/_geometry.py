@@ -1,10 +1,11 @@
 """The one pairwise-distance routine: everything derives from a Gram matrix.
 
 Every rule that compares updates (Krum, Multi-Krum, Bulyan, GeoMed, RFA, NNM,
-centered clipping, STPA, FedSECA's sign concordance) computes ``G = X X^T`` with
-one matrix product over the ``[n, d]`` updates (or one per layer: the per-layer
-Gram matrices are products of column slices, which are zero-copy views) and then
-reads what it needs off the ``n x n`` matrix:
+centered clipping, STPA) computes ``G = X X^T`` with one matrix product over the
+``[n, d]`` updates (or one per layer: the per-layer Gram matrices are products
+of column slices, which are zero-copy views) and then reads what it needs off
+the ``n x n`` matrix (FedSECA's sign concordance is the Gram matrix of
+``sign(X)``, summed over column blocks by :func:`blocked_gram`):
 
 * norms: ``||x_i|| = sqrt(G_ii)``;
 * squared Euclidean distance: ``G_ii + G_jj - 2 G_ij``;
@@ -18,7 +19,7 @@ decisions (argmins, sorts, clustering) off the accelerator's launch queue.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -27,22 +28,30 @@ from .base import DefenseError
 DISTANCES = ("euclidean", "cosine")
 
 
-def gram(x: torch.Tensor, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-         block: int = 1 << 18) -> torch.Tensor:
-    """``x @ x.T`` as an ``[n, n]`` float64 CPU tensor.
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``x @ x.T`` (one matrix product) as an ``[n, n]`` float64 CPU tensor."""
+    return (x @ x.T).to("cpu", torch.float64)
 
-    With ``transform`` the Gram matrix of ``transform(x)`` is accumulated over
-    column blocks, so the transformed matrix is never materialised in full.
+
+def blocked_gram(x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor],
+                 visit: Optional[Callable[[torch.Tensor], Any]] = None) -> tuple[torch.Tensor, list[Any]]:
+    """The Gram matrix of ``transform(x)``, accumulated over column blocks on the
+    worker threads so that the transformed matrix is never materialised; also
+    ``[visit(block) for each raw block]``, for rules that need other per-column
+    statistics from the same pass over the matrix (FedSECA). Per-block products
+    are exact for sign matrices (integer sums below 2^24) and summed in float64.
     """
-    if transform is None:
-        g = x @ x.T
-    else:
-        n, d = x.shape
-        g = torch.zeros(n, n, dtype=x.dtype, device=x.device)
-        for c in range(0, d, block):
-            t = transform(x[:, c:c + block])
-            g.addmm_(t, t.T)
-    return g.to("cpu", torch.float64)
+    from ._order import abs_block_width, map_column_blocks
+
+    def one(block: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        t = transform(block)
+        return (t @ t.T).to(torch.float64), (None if visit is None else visit(block))
+
+    parts = map_column_blocks(x, one, abs_block_width(x.shape[0]))
+    g = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    for pg, _ in parts:
+        g += pg
+    return g.cpu(), [v for _, v in parts]
 
 
 def clip_scales(norms: torch.Tensor, radius: torch.Tensor | float) -> torch.Tensor:

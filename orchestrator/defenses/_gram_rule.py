@@ -55,9 +55,9 @@ CLIPS = (None, "median", "median-output")
 class DistanceOptions(Config):
     """The Layerwise Cosine Aggregation options shared by the distance-based rules."""
 
-    layerwise: bool = False
-    distance: str = option("euclidean", *DISTANCES)
-    clip: str | None = option(None, *CLIPS)
+    layerwise: bool = option(False, doc="run the rule on each layer (layout entry, buffers included) separately")
+    distance: str = option("euclidean", *DISTANCES, doc="squared Euclidean or 1 - cos, both from one Gram matrix")
+    clip: str | None = option(None, *CLIPS, doc="clip inputs (or the output) to the round's median norm")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class GramRule:
     reduce coordinate-wise."""
 
     name = "rule"
+    writes_into = True  # accepts ``out=`` (a [d] view to reduce into), see layerwise.run_layerwise
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -92,21 +93,25 @@ class GramRule:
                     out: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext, out: Optional[torch.Tensor] = None) -> DefenseResult:
         n, d = check_updates(updates)
         f = int(ctx.f)
         self.check(n, f)
         cfg = self.config
         if getattr(cfg, "layerwise", False):
             flat = type(self)(dataclasses.replace(cfg, layerwise=False))
-            return run_layerwise(flat, updates, ctx)
+            res = run_layerwise(flat, updates, ctx)
+            if out is not None:
+                res.delta = out.copy_(res.delta)
+            return res
         clip = getattr(cfg, "clip", None)
         g = gram(updates)
         norms = g.diagonal().clamp_min(0).sqrt()
         radius = median_1d(norms) if clip is not None else None
         scale = clip_scales(norms, radius) if clip == "median" else None
         sel = self.select(Geometry(g, scale), ctx, f)
-        out = torch.empty(d, dtype=updates.dtype, device=updates.device)
+        if out is None:
+            out = torch.empty(d, dtype=updates.dtype, device=updates.device)
         self._reduce(updates, sel, scale, f, out)
         if clip == "median-output":
             norm = float(out.norm())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
@@ -58,15 +59,13 @@ def network(n: int, need: Optional[tuple[int, ...]] = None) -> tuple[tuple[int, 
 
 
 def _threads() -> int:
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, 8))
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, 16))
 
 
 def _block(k: int) -> int:
     # ~k * block * 4 bytes of working set: keep the k rows of one block within
     # a core's L2/L3 share while each op stays large enough to hide dispatch.
-    # Below torch's 32768-element grain so the ops never fork OpenMP threads of
-    # their own inside our worker threads.
-    return max(2048, min(32000, (1 << 21) // max(k, 1)))
+    return max(4096, min(32768, (1 << 21) // max(k, 1)))
 
 
 def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tensor] = None,
@@ -78,7 +77,8 @@ def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tens
     times ``scale[:, None]`` if given, in absolute value if ``absolute``.
     ``sorted_rows[i]`` is the ``i``-th smallest value of each column of the block
     (a 1-D tensor of the block's width); with ``need``, only those positions are
-    valid. ``fn`` must only write to outputs at ``cols`` (blocks run concurrently).
+    valid. ``fn`` must only write to outputs at ``cols`` (blocks run concurrently)
+    and must not call this function (the worker pool is shared).
     """
     n_rows = x.shape[0] if rows is None else int(rows.numel())
     d = x.shape[1]
@@ -116,16 +116,39 @@ def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tens
     _run_parts(run, blocks)
 
 
+_POOL: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    # One long-lived pool per size: per-call thread start-up would dominate the
+    # many small per-layer calls of a layerwise rule.
+    with _POOL_LOCK:
+        if workers not in _POOL:
+            _POOL[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="defense-order")
+        return _POOL[workers]
+
+
 def _run_parts(run: Callable[[list[tuple[int, int]]], None], blocks: list[tuple[int, int]]) -> None:
-    """Split column blocks among a few threads (torch ops release the GIL)."""
+    """Split column blocks among a few threads (torch ops release the GIL).
+
+    While the workers run, torch's intra-op pool is set to one thread: each
+    worker is one core's worth of work, and OpenMP teams forked from several
+    workers at once would oversubscribe the cores (a thread adopts the process
+    setting at its first parallel op, so the workers are serial for good).
+    """
     workers = min(_threads(), len(blocks))
     if workers <= 1:
         run(blocks)
         return
     parts = [blocks[i::workers] for i in range(workers)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for fut in [pool.submit(run, p) for p in parts]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for fut in [_pool(workers).submit(run, p) for p in parts]:
             fut.result()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _map_device(x, fn, rows, scale, absolute, n_rows) -> None:
@@ -140,6 +163,16 @@ def _map_device(x, fn, rows, scale, absolute, n_rows) -> None:
         if absolute:
             block = block.abs()
         fn(list(torch.sort(block, dim=0).values.unbind(0)), slice(c0, c1))
+
+
+def positive_(z: torch.Tensor) -> torch.Tensor:
+    """In place: 1 where ``z > 0``, else 0, in ``z``'s float dtype.
+
+    Comparison masks are slow to produce on CPU and far slower to use in
+    arithmetic (a bool operand costs ~40x a float multiply), so the
+    coordinate-wise rules build their 0/1 masks with ``sign`` and ``clamp``.
+    """
+    return z.sign_().clamp_min_(0.0)
 
 
 def median_1d(v: torch.Tensor) -> torch.Tensor:
@@ -166,67 +199,123 @@ def column_median(x: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
     return out
 
 
-def row_kth_abs(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th smallest ``|x_ij|`` of each row ``i`` (1-based ``k``), exactly.
+def abs_block_width(n: int) -> int:
+    """Columns per block for the blocked passes over ``|x|`` (~1 MiB per block: the
+    several passes each block takes stay in a core's L2)."""
+    return max(1 << 12, min(1 << 17, (1 << 18) // max(n, 1)))
+
+
+class RowKthAbs:
+    """The ``k``-th smallest ``|x_ij|`` of each row ``i`` (1-based ``k``), exactly,
+    from one blocked pass that the caller may share with other work.
 
     ``torch.kthvalue`` copies the whole matrix plus an int64 index per element
     (three copies' worth of memory) and quick-selects rows one by one. Here a
-    sample of each row brackets the answer, one blocked pass counts the values
-    below the bracket and gathers the few inside it, and ``kthvalue`` runs on
-    the gathered values only. The sample only affects speed: a row whose
-    bracket misses (checked by counting) falls back to an exact ``kthvalue``.
+    sample of each row brackets the answer; :meth:`observe` (fed ``|x|`` of every
+    column block once) counts the values below the bracket and gathers the few
+    inside it; :meth:`result` runs ``kthvalue`` on the gathered values only. The
+    sample only affects speed: a row whose bracket misses (checked by the
+    counts) falls back to an exact ``kthvalue`` of that row.
     """
-    n, d = x.shape
-    if not 1 <= k <= d:
-        raise ValueError(f"k = {k} out of range for rows of {d} values")
-    if d <= (1 << 16):
-        return torch.kthvalue(x.abs(), k, dim=1).values
-    s = max(1 << 14, min(1 << 18, d // 64))
-    # Golden-ratio positions: spread over the row without aliasing periodic layouts.
-    pos = (torch.arange(s, dtype=torch.float64) * 0.6180339887498949).frac().mul(d).long().clamp_(0, d - 1)
-    sample = torch.sort(x.index_select(1, pos.to(x.device)).abs_(), dim=1).values
-    q = (k - 1) / (d - 1)
-    centre, margin = q * (s - 1), 6.0 * math.sqrt(s * q * (1 - q)) + 32
-    lo_i, hi_i = int(math.floor(centre - margin)), int(math.ceil(centre + margin))
-    lo = sample[:, lo_i] if lo_i > 0 else torch.zeros(n, dtype=x.dtype, device=x.device)
-    hi = sample[:, hi_i] if hi_i < s - 1 else torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
-    lo2, hi2 = lo[:, None], hi[:, None]
-    width = max(1 << 14, min(1 << 17, (1 << 22) // max(n, 1)))
+
+    def __init__(self, x: torch.Tensor, k: int) -> None:
+        n, d = x.shape
+        if not 1 <= k <= d:
+            raise ValueError(f"k = {k} out of range for rows of {d} values")
+        self.x, self.k = x, k
+        self.direct = d <= (1 << 16)
+        if self.direct:
+            return
+        s = max(1 << 14, min(1 << 16, d // 128))
+        # The sample: runs of 256 consecutive values (cache-friendly to gather)
+        # starting at golden-ratio-spread offsets (no aliasing with periodic layouts).
+        run = 256
+        starts = (torch.arange(s // run, dtype=torch.float64) * 0.6180339887498949).frac().mul(d - run).long()
+        pos = (torch.sort(starts).values[:, None] + torch.arange(run)).flatten()
+        s = pos.numel()
+        sample = x.index_select(1, pos.to(x.device)).abs_()
+        q = (k - 1) / (d - 1)
+        centre, margin = q * (s - 1), 5.0 * math.sqrt(s * q * (1 - q)) + 32
+        lo_i, hi_i = int(math.floor(centre - margin)), int(math.ceil(centre + margin))
+        lo = torch.kthvalue(sample, lo_i + 1, dim=1).values if lo_i > 0 else \
+            torch.zeros(n, dtype=x.dtype, device=x.device)
+        hi = torch.kthvalue(sample, hi_i + 1, dim=1).values if hi_i < s - 1 else \
+            torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
+        self.lo, self.hi = lo[:, None], hi[:, None]
+        self.below = torch.zeros(n, dtype=torch.long, device=x.device)
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def observe(self, a: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """What one column block of ``|x|`` contributes; thread-safe (it changes
+        nothing): hand every block's part to :meth:`absorb` exactly once."""
+        if self.direct:
+            return None
+        inside = a >= self.lo
+        below = a.shape[1] - inside.view(torch.uint8).sum(1, dtype=torch.int64)
+        inside &= a <= self.hi
+        return below, inside.view(torch.uint8).sum(1, dtype=torch.int64), a[inside]
+
+    def absorb(self, part: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        if part is not None:
+            self.below += part[0]
+            self.parts.append(part[1:])
+
+    def result(self) -> torch.Tensor:
+        x, k = self.x, self.k
+        if self.direct:
+            return torch.kthvalue(x.abs(), k, dim=1).values
+        n = x.shape[0]
+        counts = torch.stack([p[0] for p in self.parts])     # [blocks, n]
+        total = counts.sum(0)
+        rank = k - self.below                                # 1-based rank inside the bracket
+        ok = (rank >= 1) & (rank <= total)
+        out = torch.empty(n, dtype=x.dtype, device=x.device)
+        if bool(ok.any()):
+            # One kthvalue for all rows: row i is padded in front with K - rank_i
+            # copies of -inf so that its K-th smallest is its rank_i-th gathered value.
+            rank_ok = torch.where(ok, rank, torch.ones_like(rank))
+            kk = int(rank_ok.max())
+            shift = kk - rank_ok
+            width = int((shift + total).max())
+            padded = torch.full((n, width), float("inf"), dtype=x.dtype, device=x.device)
+            padded[torch.arange(width, device=x.device)[None, :] < shift[:, None]] = float("-inf")
+            # Gathered values come block by block, row-major inside a block: the
+            # column of each is its row's shift + values of that row seen before.
+            vals = torch.cat([p[1] for p in self.parts])
+            flat = counts.flatten()
+            rows = torch.arange(n, device=x.device).repeat(counts.shape[0]).repeat_interleave(flat)
+            before = (torch.cumsum(counts, 0) - counts).flatten().repeat_interleave(flat)
+            seg_start = (torch.cumsum(flat, 0) - flat).repeat_interleave(flat)
+            cols = shift[rows] + before + torch.arange(vals.numel(), device=x.device) - seg_start
+            padded[rows, cols] = vals
+            out = torch.kthvalue(padded, kk, dim=1).values
+        for i in torch.nonzero(~ok).flatten().tolist():
+            out[i] = torch.kthvalue(x[i].abs(), k).values
+        return out
+
+
+def map_column_blocks(x: torch.Tensor, fn: Callable[[torch.Tensor], object], width: int) -> list[object]:
+    """``[fn(x[:, c:c + width]) for each column block]``, in block order, computed
+    on the worker threads (``fn`` must be thread-safe)."""
+    d = x.shape[1]
     blocks = [(c, min(d, c + width)) for c in range(0, d, width)]
-    found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    found: dict[int, object] = {}
 
     def run(part: list[tuple[int, int]]) -> None:
         for c0, c1 in part:
-            a = x[:, c0:c1].abs()
-            inside = (a >= lo2) & (a <= hi2)
-            found[c0] = ((a < lo2).sum(1), inside.sum(1), a[inside])
+            found[c0] = fn(x[:, c0:c1])
 
-    _run_parts(run, blocks)
-    parts = [found[c0] for c0, _ in blocks]
-    below = torch.stack([p[0] for p in parts]).sum(0)
-    counts = torch.stack([p[1] for p in parts])          # [blocks, n]
-    total = counts.sum(0)
-    rank = k - below                                    # 1-based rank inside the bracket
-    ok = (rank >= 1) & (rank <= total)
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    if bool(ok.any()):
-        # One kthvalue for all rows: row i is padded in front with K - rank_i
-        # copies of -inf so that its K-th smallest is its rank_i-th gathered value.
-        rank_ok = torch.where(ok, rank, torch.ones_like(rank))
-        kk = int(rank_ok.max())
-        shift = kk - rank_ok
-        width_p = int((shift + total).max())
-        padded = torch.full((n, width_p), float("inf"), dtype=x.dtype, device=x.device)
-        padded[torch.arange(width_p, device=x.device)[None, :] < shift[:, None]] = float("-inf")
-        offset = shift.clone()
-        rows_all = torch.arange(n, device=x.device)
-        for (_, cnt, vals) in parts:
-            rows = torch.repeat_interleave(rows_all, cnt)
-            start = torch.cumsum(cnt, 0) - cnt
-            within = torch.arange(vals.numel(), device=x.device) - start[rows]
-            padded[rows, offset[rows] + within] = vals
-            offset += cnt
-        out = torch.kthvalue(padded, kk, dim=1).values
-    for i in torch.nonzero(~ok).flatten().tolist():
-        out[i] = torch.kthvalue(x[i].abs(), k).values
-    return out
+    if x.device.type != "cpu":
+        run(blocks)
+    else:
+        _run_parts(run, blocks)
+    return [found[c0] for c0, _ in blocks]
+
+
+def row_kth_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest ``|x_ij|`` of each row (1-based ``k``), exactly (:class:`RowKthAbs`)."""
+    sel = RowKthAbs(x, k)
+    if not sel.direct:
+        for part in map_column_blocks(x, lambda b: sel.observe(b.abs()), abs_block_width(x.shape[0])):
+            sel.absorb(part)
+    return sel.result()

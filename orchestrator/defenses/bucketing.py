@@ -22,8 +22,8 @@ from .base import DefenseError, DefenseResult, RoundContext, check_updates
 class BucketingConfig(Config):
     """Bucketing."""
 
-    s: int = option(2, check=lambda v: v >= 1, rule="must be >= 1")
-    inner: str | dict = "median"
+    s: int = option(2, check=lambda v: v >= 1, rule="must be >= 1", doc="updates per bucket")
+    inner: str | dict = option("median", doc="rule applied to the bucket means (name or table)")
 
 
 class Bucketing:

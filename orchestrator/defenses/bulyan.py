@@ -36,7 +36,7 @@ import torch
 from ._common import mask_of, need, option, stable_order
 from ._geometry import Geometry
 from ._gram_rule import DistanceOptions, GramRule, Selection, krum_scores
-from ._order import map_sorted_columns
+from ._order import map_sorted_columns, positive_
 from .base import RoundContext
 
 
@@ -44,8 +44,10 @@ from .base import RoundContext
 class BulyanConfig(DistanceOptions):
     """Bulyan."""
 
-    selection: str = option("iterative", "iterative", "one-shot")
-    reduction: str = option("closest-to-median", "closest-to-median", "trimmed-mean")
+    selection: str = option("iterative", "iterative", "one-shot",
+                            doc="Krum re-run on the shrinking pool (El Mhamdi) or one-shot top scores (LCA code)")
+    reduction: str = option("closest-to-median", "closest-to-median", "trimmed-mean",
+                            doc="per coordinate: n - 4f values closest to the median, or drop f each side")
 
 
 class Bulyan(GramRule):
@@ -64,13 +66,21 @@ class Bulyan(GramRule):
         if self.config.selection == "one-shot":
             chosen = stable_order(first)[:theta]
         else:
-            pool = torch.arange(n)
+            # Krum on the shrinking pool: chosen rows and columns leave the
+            # distance matrix (+inf), so each round is one top-k over the rest.
+            live = dist.clone()
+            live.fill_diagonal_(float("inf"))
+            inf = float("inf")
             picked = []
-            for _ in range(theta):
-                scores = krum_scores(dist[pool][:, pool], f)
-                j = int(torch.argmin(scores))  # first minimum: lowest index in the pool
-                picked.append(int(pool[j]))
-                pool = torch.cat([pool[:j], pool[j + 1:]])
+            for size in range(n, n - theta, -1):
+                k = min(max(size - f - 2, 1), size - 1)
+                scores = torch.topk(live, k, dim=1, largest=False).values.sum(1) if size > 1 else \
+                    torch.zeros(n, dtype=dist.dtype)
+                scores[picked] = inf
+                j = int(torch.argmin(scores))  # first minimum: lowest index
+                picked.append(j)
+                live[j, :] = inf
+                live[:, j] = inf
             chosen = torch.tensor(picked, dtype=torch.long)
         return Selection(accepted=mask_of(chosen, n, torch.device("cpu")), rows=torch.sort(chosen).values,
                          scores=first, info={"order": chosen})
@@ -83,17 +93,17 @@ class Bulyan(GramRule):
             def fn(r: Sequence[torch.Tensor], cols: slice) -> None:
                 torch.sum(torch.stack(list(r[f:theta - f])), 0, out=out[cols]).div_(beta)
         else:
-            positions = torch.arange(theta, device=x.device)[:, None]
+            offsets = torch.arange(beta, device=x.device)[:, None]
 
             def fn(r: Sequence[torch.Tensor], cols: slice) -> None:
                 y = torch.stack(list(r))
-                med = (r[(theta - 1) // 2] + r[theta // 2]) * 0.5
-                # The beta values closest to the median are a run of beta
-                # consecutive sorted values; of the 2f + 1 candidate runs take the
-                # one whose farthest member is nearest (first, i.e. lower, on ties).
-                cost = torch.maximum(med - y[:2 * f + 1], y[beta - 1:] - med)
-                start = cost.argmin(0)
-                window = (positions >= start) & (positions < start + beta)
-                torch.sum(y * window, 0, out=out[cols]).div_(beta)
+                twice_median = r[(theta - 1) // 2] + r[theta // 2]
+                # The beta values closest to the median are a run y[a : a + beta] of
+                # the sorted values. Sliding the run up by one swaps y[t] for
+                # y[t + beta], worth it while y[t] is the farther of the two, i.e.
+                # y[t] + y[t + beta] < 2 median; that test only flips once as t
+                # grows, so a counts the t in [0, 2f) that pass (ties stay low).
+                start = positive_(torch.sub(twice_median, y[:2 * f]).sub_(y[beta:])).sum(0).long()
+                torch.sum(torch.gather(y, 0, start + offsets), 0, out=out[cols]).div_(beta)
 
         map_sorted_columns(x, fn, rows=rows, scale=scale)

@@ -28,9 +28,10 @@ from .base import DefenseResult, RoundContext, check_updates
 class CenteredClippingConfig(Config):
     """Centered clipping."""
 
-    tau: float | None = option(None, check=lambda v: v > 0, rule="must be > 0")
-    iters: int = option(1, check=lambda v: v >= 1, rule="must be >= 1")
-    start: str = option("previous", "previous", "zero")
+    tau: float | None = option(None, check=lambda v: v > 0, rule="must be > 0",
+                               doc="clipping radius; None: median distance to the centre, per iteration")
+    iters: int = option(1, check=lambda v: v >= 1, rule="must be >= 1", doc="clipping iterations per round")
+    start: str = option("previous", "previous", "zero", doc="centre: last round's aggregate, or zero")
 
 
 class CenteredClipping:

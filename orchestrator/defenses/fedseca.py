@@ -3,7 +3,8 @@ al., "FedSECA: Sign Election and Coordinate-wise Aggregation of Gradients for
 Byzantine Tolerant Federated Learning", CVPR 2025).
 
 1. Concordance ratio (CRISE): ``sigma_kl = (1/d) sum_j sgn(x_kj) sgn(x_lj)`` for
-   all pairs at once (the Gram matrix of the sign matrix, one product), and
+   all pairs at once (the Gram matrix of the sign matrix, summed over column
+   blocks so the sign matrix is never stored), and
    ``rho_k = max(0, (1/n) sum_l sgn(sigma_kl))`` (``l = k`` included, as in Eq. 5).
 2. Sign election: ``s_j = sgn(sum_k rho_k sgn(x_kj))`` on the raw updates.
 3. Variance-reduced sparse rows: clip each row to the median row norm; clamp
@@ -37,8 +38,8 @@ from typing import Sequence
 import torch
 
 from ._common import Config, option
-from ._geometry import clip_scales, gram
-from ._order import map_sorted_columns, median_1d, row_kth_abs
+from ._geometry import blocked_gram, clip_scales
+from ._order import RowKthAbs, map_sorted_columns, median_1d, positive_
 from .base import DefenseResult, RoundContext, check_updates
 
 
@@ -46,14 +47,14 @@ from .base import DefenseResult, RoundContext, check_updates
 class FedSECAConfig(Config):
     """FedSECA."""
 
-    gamma: float = option(0.9, check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
-    momentum: bool = False
-    beta: float = option(0.5, check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
+    gamma: float = option(0.9, check=lambda v: 0 <= v < 1, rule="must be in [0, 1)",
+                          doc="sparsification: keep each client's top 1 - gamma coordinates by magnitude")
+    momentum: bool = option(False, doc="server momentum on the aggregate")
+    beta: float = option(0.5, check=lambda v: 0 <= v < 1, rule="must be in [0, 1)", doc="momentum decay")
 
 
-def concordance_ratio(updates: torch.Tensor) -> torch.Tensor:
-    """``rho_k`` of Eq. 5 (float64, CPU), from one Gram product of the sign matrix."""
-    concord = gram(updates, transform=torch.sign)
+def concordance_ratio(concord: torch.Tensor) -> torch.Tensor:
+    """``rho_k`` of Eq. 5 from the sign-concordance Gram matrix (float64, CPU)."""
     return torch.sign(concord).mean(1).clamp_min(0.0)
 
 
@@ -68,14 +69,25 @@ class FedSECA:
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, d = check_updates(updates)
         dev, dt = updates.device, updates.dtype
-        rho = concordance_ratio(updates)
-        rho_dev = rho.to(dev, dt)
-        norms = torch.linalg.vector_norm(updates, dim=1).to("cpu", torch.float64)
-        clip = clip_scales(norms, median_1d(norms)).to(dev, dt)
         gamma = self.config.gamma
-        tau = None
-        if gamma > 0:
-            tau = row_kth_abs(updates, int(math.floor(gamma * (d - 1))) + 1)[:, None]
+        quantile = RowKthAbs(updates, int(math.floor(gamma * (d - 1))) + 1) if gamma > 0 else None
+
+        def visit(block: torch.Tensor):
+            # Same pass as the sign Gram: row sums of squares and the quantile bracket.
+            a = block.abs()
+            return (a * a).sum(1).double(), None if quantile is None else quantile.observe(a)
+
+        concord, seen = blocked_gram(updates, torch.sign, visit)
+        sq = torch.zeros(n, dtype=torch.float64, device=dev)
+        for block_sq, part in seen:
+            sq += block_sq
+            if quantile is not None:
+                quantile.absorb(part)
+        rho = concordance_ratio(concord)
+        rho_dev = rho.to(dev, dt)
+        norms = sq.sqrt().cpu()
+        clip = clip_scales(norms, median_1d(norms)).to(dev, dt)
+        tau = None if quantile is None else quantile.result()[:, None]
         out = torch.empty(d, dtype=dt, device=dev)
         elected = torch.empty(d, dtype=torch.int8, device=dev)
         lo, hi = (n - 1) // 2, n // 2
@@ -83,16 +95,17 @@ class FedSECA:
         def fn(r: Sequence[torch.Tensor], cols: slice) -> None:
             mu = r[lo] if lo == hi else (r[lo] + r[hi]) * 0.5
             raw = updates[:, cols]
-            vals = raw * clip[:, None]
-            vals = torch.maximum(torch.minimum(vals, mu), -mu)
+            vals = torch.clamp(raw * clip[:, None], min=-mu, max=mu)
             if tau is not None:
-                vals.masked_fill_(raw.abs() <= tau, 0.0)
+                vals.mul_(positive_(raw.abs().sub_(tau)))       # keep |raw| > tau
             sign = torch.sign(rho_dev @ torch.sign(raw))
-            elected[cols] = sign.to(torch.int8)
-            agree = (vals * sign) > 0
-            count = agree.sum(0)
-            total = (vals * agree).sum(0)
-            torch.div(total, count.clamp_min(1), out=out[cols])
+            elected[cols] = sign
+            # The aligned values are those with vals * sign > 0; their sum is
+            # sign * sum(max(vals * sign, 0)).
+            vals.mul_(sign).clamp_min_(0.0)
+            total = vals.sum(0).mul_(sign)
+            count = vals.sign_().sum(0)
+            torch.div(total, count.clamp_min_(1.0), out=out[cols])
 
         map_sorted_columns(updates, fn, scale=clip, absolute=True, need=(lo, hi))
         delta = out

@@ -30,8 +30,8 @@ class KrumConfig(DistanceOptions):
 class MultiKrumConfig(DistanceOptions):
     """Multi-Krum: the mean of the ``m`` lowest-scored updates."""
 
-    m: int | None = option(None, check=lambda v: v >= 1, rule="must be >= 1")
-    """How many updates to average; None means ``n - f``."""
+    m: int | None = option(None, check=lambda v: v >= 1, rule="must be >= 1",
+                           doc="how many lowest-scored updates to average; None: n - f")
 
 
 class MultiKrum(GramRule):

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import Config, build_spec, child_state
+from ._common import Config, build_spec, child_state, option
 from .base import DefenseError, DefenseResult, RoundContext, check_updates
 from proto.layout import Layout, LayerSpec
 
@@ -29,7 +29,7 @@ from proto.layout import Layout, LayerSpec
 class LayerwiseConfig(Config):
     """Layerwise wrapper."""
 
-    inner: str | dict = "median"
+    inner: str | dict = option("median", doc="rule run on each layer (name or table)")
 
 
 def run_layerwise(rule: Callable[..., DefenseResult], updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
@@ -48,8 +48,12 @@ def run_layerwise(rule: Callable[..., DefenseResult], updates: torch.Tensor, ctx
         sub = dataclasses.replace(
             ctx, layout=Layout((LayerSpec(layer.name, layer.shape, 0, layer.numel, layer.is_buffer),)),
             global_weights=ctx.global_weights[layer.slice], state=state)
-        res = rule(updates[:, layer.slice], sub)
-        out[layer.slice] = res.delta
+        if getattr(rule, "writes_into", False):
+            # Rules that can reduce straight into the output slice skip a copy of d.
+            res = rule(updates[:, layer.slice], sub, out=out[layer.slice])
+        else:
+            res = rule(updates[:, layer.slice], sub)
+            out[layer.slice] = res.delta
         results.append(res)
     layer_acc = torch.stack([r.accepted.to("cpu", torch.bool) for r in results])
     accepted = layer_acc.any(0)

@@ -4,9 +4,11 @@ Mixing: A Recipe for Optimal Byzantine ML under Heterogeneity", AISTATS 2023).
 Each row is replaced by the mean of its ``n - f`` nearest rows in Euclidean
 distance (itself included), then the ``inner`` rule (default: coordinate-wise median) aggregates
 the mixed rows with the same ``f``. Requirement: ``n > 2f``. Neighbour ties go
-to the lowest index. Mixed row ``i`` stands for client ``i``: a client is
-accepted when the inner rule accepts its mixed row, and its weight is its share
-of the output.
+to the lowest index. A client is accepted when an accepted mixed row
+draws on its update (the output is an average of exactly those clients; the
+inner rule's own mask over mixed rows is in ``inner_accepted``, where ties
+between identical mixed rows follow its tie-breaking), and its weight is its
+share of the output.
 
 Distances come from the Gram matrix; the mixed matrix is one ``[n, n] @ [n, d]``
 product (one extra ``n x d`` copy, handed to the inner rule).
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from ._common import Config, build_spec, need, sub_context, through_mixing
+from ._common import Config, build_spec, need, option, sub_context, through_mixing
 from ._geometry import Geometry, gram
 from .base import DefenseResult, RoundContext, check_updates
 
@@ -25,7 +27,7 @@ from .base import DefenseResult, RoundContext, check_updates
 class NNMConfig(Config):
     """Nearest-neighbour mixing."""
 
-    inner: str | dict = "median"
+    inner: str | dict = option("median", doc="rule applied to the mixed updates (name or table)")
 
 
 class NNM:

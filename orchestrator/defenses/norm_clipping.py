@@ -26,8 +26,9 @@ from .mean import Mean
 class NormClippingConfig(Config):
     """Norm clipping."""
 
-    tau: float | None = option(None, check=lambda v: v > 0, rule="must be > 0")
-    inner: str | dict = "mean"
+    tau: float | None = option(None, check=lambda v: v > 0, rule="must be > 0",
+                               doc="norm bound; None: the median norm of the round's updates")
+    inner: str | dict = option("mean", doc="rule applied to the clipped updates (name or table)")
 
 
 class NormClipping:

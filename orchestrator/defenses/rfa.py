@@ -30,12 +30,13 @@ from .base import RoundContext
 class RFAConfig(Config):
     """RFA (smoothed Weiszfeld geometric median)."""
 
-    weighted: bool = False
-    max_iter: int = option(100, check=lambda v: v >= 1, rule="must be >= 1")
-    nu: float = option(1e-6, check=lambda v: v > 0, rule="must be > 0")
-    tol: float = option(1e-6, check=lambda v: v >= 0, rule="must be >= 0")
-    layerwise: bool = False
-    clip: str | None = option(None, *CLIPS)
+    weighted: bool = option(False, doc="weight clients by their sample counts")
+    max_iter: int = option(100, check=lambda v: v >= 1, rule="must be >= 1", doc="Weiszfeld iterations at most")
+    nu: float = option(1e-6, check=lambda v: v > 0, rule="must be > 0", doc="smoothing: distances below nu count as nu")
+    tol: float = option(1e-6, check=lambda v: v >= 0, rule="must be >= 0",
+                        doc="stop when the objective changes by less than tol (relative)")
+    layerwise: bool = option(False, doc="one geometric median per layer")
+    clip: str | None = option(None, *CLIPS, doc="clip inputs (or the output) to the round's median norm")
 
 
 class RFA(GramRule):

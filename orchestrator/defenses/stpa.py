@@ -36,10 +36,11 @@ from .base import DefenseResult, RoundContext, check_updates
 class STPAConfig(Config):
     """STPA."""
 
-    s_t: float = option(0.02, check=lambda v: -1 <= v <= 1, rule="must be in [-1, 1]")
-    beta: float = option(0.5, check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
-    eta0: float = option(1.0, check=lambda v: v > 0, rule="must be > 0")
-    inner: str | dict = "median"
+    s_t: float = option(0.02, check=lambda v: -1 <= v <= 1, rule="must be in [-1, 1]",
+                        doc="split when the largest cross-cluster cosine is below this")
+    beta: float = option(0.5, check=lambda v: 0 <= v < 1, rule="must be in [0, 1)", doc="momentum decay")
+    eta0: float = option(1.0, check=lambda v: v > 0, rule="must be > 0", doc="step = eta0 * cos * momentum")
+    inner: str | dict = option("median", doc="rule applied to the kept cluster (name or table)")
 
 
 def two_clusters(sim: torch.Tensor) -> torch.Tensor:

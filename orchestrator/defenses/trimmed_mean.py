@@ -26,8 +26,8 @@ from .base import DefenseResult, RoundContext, check_updates
 class TrimmedMeanConfig(Config):
     """Coordinate-wise trimmed mean."""
 
-    beta: float | None = option(None, check=lambda v: 0 <= v < 0.5, rule="must be in [0, 0.5)")
-    """Fraction trimmed from each end; None trims ``f`` values from each end."""
+    beta: float | None = option(None, check=lambda v: 0 <= v < 0.5, rule="must be in [0, 0.5)",
+                                doc="fraction trimmed from each end; None: f values from each end")
 
 
 def trimmed_mean(x: torch.Tensor, k: int) -> torch.Tensor:

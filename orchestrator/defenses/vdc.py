@@ -44,13 +44,16 @@ from .base import DefenseError, DefenseResult, RoundContext, check_updates
 class VDCConfig(Config):
     """Virtual-data consistency plugin."""
 
-    m: int | None = option(None, check=lambda v: v >= 0, rule="must be >= 0")
-    probes: int = option(32, check=lambda v: v >= 1, rule="must be >= 1")
+    m: int | None = option(None, check=lambda v: v >= 0, rule="must be >= 0",
+                           doc="clients dropped (lowest scores); None: f")
+    probes: int = option(32, check=lambda v: v >= 1, rule="must be >= 1", doc="virtual N(0, I) inputs")
     input_shape: tuple[int, ...] | None = option(None, check=lambda v: len(v) > 0 and all(
-        isinstance(s, int) and s > 0 for s in v), rule="must be a non-empty list of positive ints")
-    model: str = option("local", "local", "delta")
-    clients_per_pass: int | None = option(None, check=lambda v: v >= 1, rule="must be >= 1")
-    inner: str | dict = "mean"
+        isinstance(s, int) and s > 0 for s in v), rule="must be a non-empty list of positive ints",
+        doc="probe shape without batch dim; None: model.input_shape")
+    model: str = option("local", "local", "delta", doc="weights run: global + delta (local model) or the delta")
+    clients_per_pass: int | None = option(None, check=lambda v: v >= 1, rule="must be >= 1",
+                                          doc="clients per batched feature pass; None: all")
+    inner: str | dict = option("mean", doc="rule applied to the kept updates (name or table)")
 
 
 class _Features(nn.Module):
@@ -85,7 +88,7 @@ def client_features(model: nn.Module, layout, weights: torch.Tensor, probes: tor
     return feats.reshape(n, probes.shape[0], -1)
 
 
-def consistency_scores(feats: torch.Tensor) -> torch.Tensor:
+def consistency_scores(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over probes of the pairwise feature cosines (``[n, n]``) and each
     client's mean similarity to the others (``[n]``), float64 on CPU."""
     n, p, _ = feats.shape

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from orchestrator.runner import ChildProcesses, node_argv, run_scenario
+from orchestrator.runner import ChildProcesses, behaviour_json, run_scenario
 from orchestrator.scenario import RoleSection, Scenario, ScenarioError, from_dict
 from tests.integration.harness import Federation
 
@@ -129,8 +130,9 @@ def test_omniscient_attack_refuses_to_start_without_the_adversary_view(tmp_path)
         role = RoleSection(name="honest", byzantine=True, attack="mimic")
         children = ChildProcesses()
         try:
-            proc = children.spawn("mimic", node_argv(fed.address, "honest-000", fed.token, role, s),
-                                  tmp_path / "mimic.log")
+            argv = [sys.executable, "-m", "fednode", "--orchestrator", fed.address, "--name", "honest-000",
+                    "--token", fed.token, "--behaviour", behaviour_json(role, s.seed)]
+            proc = children.spawn("mimic", argv, tmp_path / "mimic.log")
             assert proc.wait(60) == 2
         except subprocess.TimeoutExpired:
             pytest.fail("the omniscient node did not refuse to start")
@@ -157,6 +159,7 @@ def test_omniscient_view_serves_honest_updates_when_enabled(tmp_path):
 
 # --------------------------------------------------------------------------- wire
 
+@pytest.mark.slow  # beyond the acceptance (test_federation covers every bad upload); rounds wait for their deadline
 def test_malformed_uploads_are_refused_and_the_run_goes_on(tmp_path):
     roles = [{"name": "honest", "count": 3},
              {"name": "crc", "byzantine": True, "attack": "malformed", "attack_params": {"mode": "bad_checksum"}},

@@ -453,3 +453,21 @@ def test_logreg_learns_mnist5k():
     with torch.no_grad():
         accuracy = (model(ds.test_x).argmax(1) == ds.test_y).float().mean().item()
     assert accuracy > 0.8
+
+
+def test_cifar_loader_refuses_a_batch_that_would_run_code(tmp_path):
+    import os
+    import pickle
+
+    import pytest
+
+    from fednode.workload.datasets import _cifar_batch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    with pytest.raises(ValueError, match="not allowed"):
+        _cifar_batch(p)

@@ -62,10 +62,12 @@ class Session(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("session",)
+    __slots__ = ("session", "received_round")
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_ROUND_FIELD_NUMBER: _ClassVar[int]
     session: Session
-    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+    received_round: int
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., received_round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("lease_seconds", "current_round", "selected", "shutdown")

@@ -235,7 +235,7 @@ def ref_vdc_scores(x, probes, mode, seq=False):
         layout.load_into(model, w)
         model.eval()
         with torch.no_grad():
-            feats.append(model.features(probes) if not seq else model[:-1](probes))
+            feats.append(model.features(probes) if not seq else torch.nn.Sequential(*list(model)[:-1])(probes))
     n, p = len(x), probes.shape[0]
     scores = []
     for i in range(n):
@@ -406,7 +406,10 @@ def test_stpa_over_rounds(params):
 @pytest.mark.parametrize("params", [{}, {"model": "delta"}, {"m": 5, "probes": 3, "inner": "median"}])
 def test_vdc(params):
     x = data(19, outliers=3)
-    probes = torch.randn((params.get("probes", 32), 6), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for layer in LAYOUT:  # keep running variances positive (NaN features are a behaviour test)
+        if layer.is_buffer:
+            x[:, layer.slice] *= 0.1
+    probes = torch.randn((params.get("probes", 32), 6), generator=torch.Generator().manual_seed(1)).double()
     scores = ref_vdc_scores(list(x), probes, params.get("model", "local"))
     m = params.get("m", F)
     kept = sorted(sorted(range(N), key=lambda i: (scores[i], i))[m:])
@@ -423,7 +426,34 @@ def test_vdc_without_features_method_uses_all_children_but_the_last():
     torch.manual_seed(3)
     layout = Layout.from_module(TinySeq())
     x = 0.1 * torch.randn(N, layout.d, dtype=torch.float64)
-    probes = torch.randn((4, 6), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    probes = torch.randn((4, 6), generator=torch.Generator().manual_seed(1)).double()
     scores = ref_vdc_scores(list(x), probes, "local", seq=True)
     res = run("vdc", {"probes": 4}, x, layout=layout, mf=lambda: TinySeq())
     close(res.diagnostics["scores"], torch.tensor(scores, dtype=x.dtype))
+
+
+def test_fedseca_on_long_rows_matches_a_direct_torch_version():
+    # d above the size where the exact quantile switches to its sampled bracket.
+    n, d, gamma = 7, 100_003, 0.9
+    g = torch.Generator().manual_seed(20)
+    x = 0.1 * torch.randn(d, generator=g, dtype=torch.float64) + 0.2 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[2, :500] = 0.0
+    from proto.layout import Layout
+
+    res = build_defense("fedseca", {"gamma": gamma})(x, context(f=0, layout=Layout.from_shapes([("w", (d,))])))
+    s = torch.sign(x)
+    rho = torch.sign(s @ s.T).mean(1).clamp_min(0)
+    elected = torch.sign(rho @ s)
+    norms = x.norm(dim=1)
+    clipped = x * torch.clamp(norms.median() / norms, max=1.0)[:, None]   # n odd: median is the middle
+    mu = clipped.abs().median(0).values
+    vals = torch.sign(clipped) * torch.minimum(clipped.abs(), mu)
+    tau = torch.kthvalue(x.abs(), int(gamma * (d - 1)) + 1, dim=1).values
+    # The lower order statistic keeps the same set as numpy's interpolated quantile under ">".
+    np_tau = np.quantile(np.abs(x.numpy()), gamma, axis=1)
+    assert torch.equal(x.abs() > tau[:, None], x.abs() > torch.from_numpy(np_tau)[:, None])
+    vals[x.abs() <= tau[:, None]] = 0
+    agree = (vals * elected) > 0
+    expected = (vals * agree).sum(0) / agree.sum(0).clamp_min(1)
+    close(res.delta, expected)
+    assert torch.equal(res.diagnostics["elected_sign"].double(), elected)

@@ -1,0 +1,266 @@
+"""Buffered asynchronous aggregation (FedBuff: Nguyen et al., "Federated Learning
+with Buffered Asynchronous Aggregation", AISTATS 2022).
+
+``[federation] mode = "async"``. There are no rounds to be selected for: any
+alive node that is idle (no upload in flight, no update waiting in the buffer)
+gets the latest global model at once from ``GetTask``, tagged with its
+``model_version``; it trains and pushes its delta with that base version. An
+upload whose staleness ``s = current version - base version`` exceeds
+``max_staleness`` is refused with ``FAILED_PRECONDITION`` and the message
+``stale: based on version v, current V, max staleness S`` (checked at the header
+and again when the stream completes). Each node has at most one update in the
+buffer; after ``buffer_size`` (``B``) accepted arrivals the orchestrator
+aggregates the buffer with the configured defense — the same rule, server step,
+evaluation and metrics as a synchronous round — and bumps the model version.
+One aggregation is one "round" of the run and one ``metrics.jsonl`` row
+(``mode = "async"``), so ``rounds`` counts aggregations.
+
+Staleness weighting: row ``i`` is multiplied by ``w_i`` before the defense sees
+it, with ``w_i = 1`` (``constant``) or ``w_i = (1 + s_i)^-a`` (``polynomial``,
+FedBuff's choice, ``a = staleness_exponent``), ``s_i`` the staleness when the
+buffer is aggregated. With the mean this is exactly FedBuff's
+``(1/B) sum_i w(s_i) Δ_i``; a robust rule sees the down-weighted rows (a stale
+update counts less in its geometry, and sample counts are left as they were).
+The server step then applies ``server_lr`` (FedBuff's ``η_g``).
+
+A step waits at most ``round_timeout`` for ``B`` arrivals; then it aggregates
+what arrived if that meets the quorum (of ``B``), otherwise it is abandoned
+with the reason, like a synchronous round. A node lost while it held a task
+(lease expired or left) counts as dropped in the phase it was in: ``download``
+(task not confirmed), ``train`` (no upload started), ``upload`` (stream broken).
+
+The keeper has the round keeper's interface, so the gRPC servicer serves both
+modes unchanged; it imports neither gRPC nor ``torch.distributed``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+
+from .errors import Refusal
+from .rounds import Upload, quorum_count
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
+
+
+@dataclass
+class Ticket:
+    """What a task or an upload is tied to in async mode (the sync mode's ``Round``)."""
+
+    round_id: int  # the aggregation step at the time
+    model_version: int  # the task's version; for an upload, its base version
+    num_selected: int  # B: the number of updates aggregated together (attacks' n)
+    deadline: float
+    payload: bytes = b""  # the weights of ``model_version`` (tasks only)
+
+
+@dataclass
+class Buffered:
+    upload: Upload
+    base_version: int
+    staleness: int = 0
+
+
+def staleness_weights(staleness: list[int], scheme: str, exponent: float) -> torch.Tensor:
+    """``w_i = 1`` (constant) or ``(1 + s_i)^-a`` (polynomial, FedBuff)."""
+    s = torch.tensor(staleness, dtype=torch.float32)
+    if scheme == "constant":
+        return torch.ones_like(s)
+    if scheme == "polynomial":
+        return (1.0 + s).pow(-exponent)
+    raise ValueError(f"unknown staleness_weighting {scheme!r}; allowed: 'constant', 'polynomial'")
+
+
+class AsyncKeeper:
+    """Thread-safe buffer of staleness-tagged updates (see the module docstring)."""
+
+    def __init__(self, buffer_size: int, max_staleness: int, task_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.buffer_size = buffer_size
+        self.max_staleness = max_staleness
+        self.task_seconds = task_seconds
+        self._clock = clock
+        self._cond = threading.Condition()
+        self.version = 0
+        self.step = 0
+        self._payload = b""
+        self.buffer: list[Buffered] = []
+        self.in_flight: dict[str, int] = {}  # node -> base version of its open upload stream
+        self.holding: dict[str, str] = {}  # node -> phase, for nodes that hold a task and have not returned it
+        self.refused: dict[str, int] = {}
+        self.tasks_served = 0
+        self.current = None  # no open "round" (the adversary view and live progress look here)
+        self.closed = False
+        self.last_closed_id = -1
+
+    # ----- the model the nodes pull ------------------------------------------------------
+    def publish(self, step: int, version: int, payload: bytes) -> None:
+        """Serve ``payload`` (the weights of ``version``) from now on."""
+        with self._cond:
+            self.step, self.version, self._payload = step, version, payload
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    # ----- tasks ----------------------------------------------------------------------------
+    def _idle(self, node_id: str) -> bool:
+        return node_id not in self.in_flight and all(b.upload.node_id != node_id for b in self.buffer)
+
+    def task_for(self, node_id: str) -> Optional[Ticket]:
+        """The latest model if ``node_id`` is idle (no upload in flight, nothing in the buffer)."""
+        with self._cond:
+            if self.closed or not self._payload or not self._idle(node_id):
+                return None
+            return Ticket(self.step, self.version, self.buffer_size, self._clock() + self.task_seconds, self._payload)
+
+    def wait_task(self, node_id: str, timeout: float) -> Optional[Ticket]:
+        end = self._clock() + timeout
+        with self._cond:
+            while True:
+                t = self.task_for(node_id)
+                left = end - self._clock()
+                if t is not None:
+                    self.tasks_served += 1
+                    self.holding[node_id] = "download"
+                    return t
+                if left <= 0:
+                    return None
+                self._cond.wait(min(left, 0.5))
+
+    def mark_downloaded(self, node_id: str, round_id: int) -> None:
+        with self._cond:
+            if self.holding.get(node_id) == "download":
+                self.holding[node_id] = "train"
+
+    # ----- uploads -----------------------------------------------------------------------------
+    def _stale(self, base: int) -> Optional[Refusal]:
+        if base > self.version or base < 0:
+            return Refusal("stale", f"update is based on model version {base}, which does not exist "
+                                    f"(current {self.version})")
+        if self.version - base > self.max_staleness:
+            return Refusal("stale", f"stale: based on version {base}, current {self.version}, "
+                                    f"max staleness {self.max_staleness}")
+        return None
+
+    def count_refusal(self, reason: str) -> None:
+        with self._cond:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def begin_upload(self, node_id: str, round_id: int, model_version: int) -> Ticket:
+        """Check an upload's header (staleness, one update per node in the buffer); reserve it.
+        ``round_id`` is informational in async mode: the base version decides."""
+        with self._cond:
+            if self.closed:
+                raise Refusal("stale", "the run is over: no more updates are aggregated")
+            refusal = self._stale(model_version)
+            if refusal is not None:
+                self.holding.pop(node_id, None)
+                raise refusal
+            if not self._idle(node_id):
+                raise Refusal("duplicate", f"node {node_id} already has an update in flight or in the buffer "
+                                           f"of step {self.step}")
+            self.in_flight[node_id] = model_version
+            self.holding[node_id] = "upload"
+            return Ticket(self.step, model_version, self.buffer_size, self._clock() + self.task_seconds)
+
+    def abort_upload(self, ticket: Ticket, node_id: str, reason: str) -> None:
+        with self._cond:
+            self.in_flight.pop(node_id, None)
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+            self._cond.notify_all()
+
+    def finish_upload(self, ticket: Ticket, upload: Upload) -> None:
+        with self._cond:
+            self.in_flight.pop(upload.node_id, None)
+            self.holding.pop(upload.node_id, None)
+            refusal = Refusal("stale", "the run is over: no more updates are aggregated") if self.closed \
+                else self._stale(ticket.model_version)
+            if refusal is not None:
+                raise refusal  # the servicer counts it
+            self.buffer.append(Buffered(upload, ticket.model_version))
+            self._cond.notify_all()
+
+    # ----- the aggregation loop ---------------------------------------------------------------
+    def wait_buffer(self, timeout: float, quorum: float, stop: threading.Event,
+                    is_alive: Callable[[str], bool]) -> tuple[list[Buffered], str, dict[str, Any]]:
+        """Wait for ``B`` buffered updates (at most ``timeout``); take them with their staleness.
+
+        Returns ``(entries, outcome, facts)``: outcome ``complete``, ``deadline`` (quorum of
+        ``B`` met) or ``abandoned: ...`` (nothing taken); ``facts``: refusals, tasks served and
+        nodes dropped (by phase) since the previous step."""
+        need = quorum_count(quorum, self.buffer_size)
+        with self._cond:
+            end = self._clock() + timeout
+            while len(self.buffer) < self.buffer_size and self._clock() < end and not stop.is_set():
+                self._cond.wait(min(0.25, max(0.0, end - self._clock())))
+            n = len(self.buffer)
+            if n >= self.buffer_size:
+                outcome = "complete"
+            elif n >= need and not stop.is_set():
+                outcome = "deadline"
+            else:
+                outcome = f"abandoned: {n} of {self.buffer_size} buffered, quorum {need} " \
+                          f"({'stopped' if stop.is_set() else 'deadline'})"
+            taken: list[Buffered] = []
+            if not outcome.startswith("abandoned"):
+                taken, self.buffer = self.buffer[:self.buffer_size], self.buffer[self.buffer_size:]
+                for b in taken:
+                    b.staleness = self.version - b.base_version
+            dropped = {"download": 0, "train": 0, "upload": 0}
+            for node_id, phase in list(self.holding.items()):
+                if not is_alive(node_id) and node_id not in self.in_flight:
+                    dropped[phase] += 1
+                    del self.holding[node_id]
+            facts = {"refused": dict(self.refused), "tasks_served": self.tasks_served, "dropped": dropped,
+                     "buffered_after": len(self.buffer)}
+            self.refused, self.tasks_served = {}, 0
+            return taken, outcome, facts
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def drain_late(self) -> int:
+        return 0  # async uploads have no round to be late for; stale ones are in ``refused``
+
+
+class AsyncRounds:
+    """Drives one aggregation step per call (the async counterpart of ``Coordinator._one_round``)."""
+
+    def __init__(self, coord: "Coordinator") -> None:
+        self.c = coord
+        self.keeper: AsyncKeeper = coord.keeper
+        self.keeper.publish(coord.round_id, coord.model_version, coord.weights_payload(coord.model_version))
+
+    def step(self) -> None:
+        c, fed = self.c, self.c.s.federation
+        r_id = c.round_id
+        c._await_joiners(r_id)
+        t0 = time.monotonic()
+        taken, outcome, facts = self.keeper.wait_buffer(fed.round_timeout, fed.quorum, c.shutdown,
+                                                        c.membership.is_alive)
+        row = c._membership_row(r_id)
+        row.update(mode="async", outcome=outcome, reported=len(taken), selected=len(taken),
+                   buffer_size=fed.buffer_size, refused=facts["refused"], tasks_served=facts["tasks_served"],
+                   dropped=facts["dropped"], buffered_after=facts["buffered_after"],
+                   t_collect=round(time.monotonic() - t0, 4))
+        if not taken:
+            c._finish_row(row)
+            return
+        staleness = [b.staleness for b in taken]
+        weights = staleness_weights(staleness, fed.staleness_weighting, fed.staleness_exponent)
+        row.update(staleness=staleness, staleness_mean=round(sum(staleness) / len(staleness), 4),
+                   staleness_max=max(staleness), staleness_weights=[round(float(w), 4) for w in weights])
+        uploads = [b.upload for b in taken]
+        row["selected_nodes"] = sorted(c._name(u.node_id) for u in uploads)
+        row["byzantine_selected"] = sum(1 for n in row["selected_nodes"] if n in c.byzantine_names)
+        c._aggregate(uploads, row, r_id, scale=weights)
+        self.keeper.publish(c.round_id + 1, c.model_version, c.weights_payload(c.model_version))
