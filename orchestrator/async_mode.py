@@ -18,7 +18,8 @@ One aggregation is one "round" of the run and one ``metrics.jsonl`` row
 Staleness weighting: row ``i`` is multiplied by ``w_i`` before the defense sees
 it, with ``w_i = 1`` (``constant``) or ``w_i = (1 + s_i)^-a`` (``polynomial``,
 FedBuff's choice, ``a = staleness_exponent``), ``s_i`` the staleness when the
-buffer is aggregated. With the mean this is exactly FedBuff's
+buffer is aggregated (an accepted update that waited in the buffer through
+another aggregation can be one or more versions past ``max_staleness`` there). With the mean this is exactly FedBuff's
 ``(1/B) sum_i w(s_i) Δ_i``; a robust rule sees the down-weighted rows (a stale
 update counts less in its geometry, and sample counts are left as they were).
 The server step then applies ``server_lr`` (FedBuff's ``η_g``).
