@@ -216,8 +216,7 @@ class Coordinator:
         return {"round": r_id, "model_version": self.model_version, "alive": len(self.membership.alive()),
                 "joined": [self._name(n) for e, n in events if e == "join"],
                 "left": [self._name(n) for e, n in events if e == "leave"],
-                "evicted": [self._name(n) for e, n in events if e == "evict"],
-                "late_refused": self.keeper.drain_late()}
+                "evicted": [self._name(n) for e, n in events if e == "evict"]}
 
     def _one_round(self) -> None:
         fed = self.s.federation
@@ -312,6 +311,7 @@ class Coordinator:
             time.sleep(0.05)
 
     def _finish_row(self, row: dict[str, Any]) -> None:
+        row["late_refused"] = self.keeper.drain_late()  # uploads that came after their round closed, since the last row
         row["wall"] = round(time.monotonic() - self._started, 3)  # seconds since the run started
         self.metrics.write(row)
         self.on_event("round_closed", row)

@@ -86,7 +86,7 @@ def test_30_percent_of_selected_nodes_sigkilled_mid_upload_each_round(tmp_path):
 
 def test_deadline_closes_a_round_with_quorum_and_the_straggler_is_refused_late(tmp_path):
     s = scenario(federation={"rounds": 3, "round_timeout": 6.0, "quorum": 0.5},
-                 roles=[{"name": "fast", "count": 3}, {"name": "slow", "count": 1, "train_delay_s": 9.0}])
+                 roles=[{"name": "fast", "count": 3}, {"name": "slow", "count": 1, "train_delay_s": 7.0}])
     _, rows = run(s, tmp_path)
     for r in rows:
         assert r["outcome"] == "deadline" and "slow-000" in r["missing"], r
@@ -135,10 +135,10 @@ def test_late_joiners_honest_and_byzantine_enter_selection(tmp_path):
 
 
 def test_rejoin_keeps_identity_and_an_upload_in_flight_for_a_closed_round_is_refused(run_dir):
-    """A probe joins, starts an upload stream, and holds it open past the round's deadline;
-    the finished stream is refused as stale. After its lease ran out it re-joins with its
-    credentials and gets its node id back."""
-    s = scenario(federation={"rounds": 2, "round_timeout": 4.0, "lease_seconds": 1.5, "min_nodes": 3,
+    """A probe takes part in round 0, then in round 1 starts an upload stream and holds it
+    open past the round's deadline: the finished stream is refused as stale. After its lease
+    ran out it re-joins with its credentials and gets its node id back."""
+    s = scenario(federation={"rounds": 3, "round_timeout": 5.0, "lease_seconds": 1.5, "min_nodes": 3,
                              "quorum": 0.5},
                  roles=[{"name": "honest", "count": 2}, {"name": "probe", "count": 1}])
     fed = Federation(s, run_dir, spawn=["honest-000", "honest-001"])
@@ -154,33 +154,38 @@ def test_rejoin_keeps_identity_and_an_upload_in_flight_for_a_closed_round_is_ref
                 time.sleep(0.3)
 
         threading.Thread(target=heartbeats, daemon=True).start()
-        for _ in range(10):
-            task = probe.get_task(wait_seconds=20)
-            if task.kind == "train":
-                break
-        assert task.kind == "train" and task.round == 0
         d = sess.layout.d
+        zeros = memoryview(torch.zeros(d).numpy()).cast("B")
+
+        def task_of(round_id):
+            for _ in range(20):
+                task = probe.get_task(wait_seconds=20)
+                if task.kind == "train" and task.round == round_id:
+                    return task
+            raise AssertionError(f"no task for round {round_id}")
+
+        t0 = task_of(0)
+        probe.push_update(t0.round, t0.model_version, torch.zeros(d), 10)
+        task = task_of(1)
 
         def slow_chunks():
-            buf = memoryview(torch.zeros(d).numpy()).cast("B")
-            half = len(buf) // 2
-            yield bytes(buf[:half])
-            time.sleep(6.0)  # the round's deadline (4 s) passes meanwhile
-            yield bytes(buf[half:])
+            yield bytes(zeros[:len(zeros) // 2])
+            time.sleep(7.0)  # the round's deadline (5 s) passes meanwhile
+            yield bytes(zeros[len(zeros) // 2:])
 
-        header = probe.update_header(task.round, task.model_version, memoryview(torch.zeros(d).numpy()).cast("B"), 10)
         with pytest.raises(grpc.RpcError) as info:
-            probe.push_raw(header, slow_chunks())
+            probe.push_raw(probe.update_header(task.round, task.model_version, zeros, 10), slow_chunks())
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "round 0 closed" in info.value.details(), info.value.details()
+        assert "round 1 closed" in info.value.details(), info.value.details()
         beating.clear()
         fed.wait_for(lambda: not fed.coord.membership.is_alive(sess.node_id), timeout=20)  # lease ran out
         again = FederationClient(fed.address).join("probe-000", "probe-secret", fed.token)
         assert again.node_id == sess.node_id and again.rejoined
         fed.wait()
     rows = fed.rows()
-    assert rows[0]["outcome"] == "deadline" and rows[0]["reported"] == 2
-    assert rows[0]["dropped_at"] == {"probe-000": "upload"}
+    assert rows[1]["outcome"] == "deadline" and rows[1]["reported"] == 2
+    assert rows[1]["dropped_at"] == {"probe-000": "upload"}
+    assert sum(r["late_refused"] for r in rows[1:]) >= 1
 
 
 def test_async_mode_refuses_over_stale_uploads_and_converges(tmp_path):
