@@ -5,7 +5,6 @@
 #   ./launch.sh run SCENARIO.toml [--set key=value ...]
 #   ./launch.sh orchestrator SCENARIO.toml [--host H] [--port P] [--token T]   orchestrator only
 #   ./launch.sh node --orchestrator HOST:PORT --name NAME --token T            one client node
-#   ./launch.sh mpirun -np N SCENARIO.toml [--set ...]                          a run across MPI ranks
 #   ./launch.sh defenses | attacks | check SCENARIO.toml | setup | bench NAME
 # Processes are started with exec or by the Python runner, which stops its
 # children by PID; this script kills nothing by name.
@@ -58,9 +57,6 @@ case "$cmd" in
   attacks)
     setup
     exec "$PY" -m attacks ;;
-  mpirun)
-    setup
-    exec "$PY" -m orchestrator.mpi_launch "$@" ;;
   bench)
     setup
     [ $# -ge 1 ] || { echo "usage: ./launch.sh bench NAME [args]  (NAME: $(cd "$ROOT/bench" && ls *.py | sed 's/\.py$//' | tr '\n' ' '))" >&2; exit 2; }
