@@ -68,7 +68,7 @@ case "$cmd" in
     cd "$ROOT"
     exec "$PY" -m pytest -q "$@" ;;
   -h|--help|help)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     echo "unknown command '$cmd'; try ./launch.sh help" >&2; exit 2 ;;
 esac
