@@ -17,7 +17,11 @@ inputs (8 tensors), d = 11M is ResNet-18 on 3x32x32 (102 tensors, 40 of them
 BatchNorm buffers); the plugin (vdc) runs those models (8 probes).
 
     ./launch.sh bench defenses [--n 20 50 100] [--d 1M 11M] [--reps 3] [--only krum,median]
-                               [--threads 1 --clock cpu] [--wait-idle 60]
+                               [--threads 1 --clock cpu] [--wait-idle 60] [--heap orchestrator|default]
+
+The process runs with the orchestrator's glibc heap settings by default
+(``--heap default`` for glibc's own): what a defense costs inside the
+orchestrator is what is measured.
 """
 from __future__ import annotations
 
@@ -231,14 +235,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall time, or process CPU time (with --threads 1: stable on a shared machine)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each timed call wait up to S seconds for the cores to be >= 80%% idle")
+    p.add_argument("--heap", choices=("orchestrator", "default"), default="orchestrator",
+                   help="glibc malloc settings: the orchestrator's (steady_heap: buffers >= 1 MiB are "
+                        "their own mappings, so fresh temporaries page-fault) or glibc's defaults")
     args = p.parse_args(argv)
+    if args.heap == "orchestrator":
+        from orchestrator.coordinator import steady_heap
+
+        steady_heap()
     global CLOCK, IDLE_WAIT
     IDLE_WAIT = args.wait_idle
     if args.threads:
         torch.set_num_threads(args.threads)
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.clock} clock")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.clock} clock, "
+          f"{args.heap} heap settings")
     for dkey in args.d:
         for n in args.n:
             run_size(n, dkey, args.reps, only)

@@ -5,13 +5,11 @@ keeper; this module only decodes, delegates and answers.
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent import futures
 from typing import Iterator
 
 import grpc
-import torch
 
 from proto import codec
 from proto.byzfed.v1 import federation_pb2 as pb

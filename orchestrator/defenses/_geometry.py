@@ -19,11 +19,15 @@ decisions (argmins, sorts, clustering) off the accelerator's launch queue.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from .base import DefenseError
+
+if TYPE_CHECKING:
+    from ._order import Scratch
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -33,25 +37,48 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return (x @ x.T).to("cpu", torch.float64)
 
 
-def blocked_gram(x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor],
-                 visit: Optional[Callable[[torch.Tensor], Any]] = None) -> tuple[torch.Tensor, list[Any]]:
+def blocked_gram(x: torch.Tensor, transform: Callable[[torch.Tensor, "Scratch"], torch.Tensor],
+                 visit: Optional[Callable[[torch.Tensor, "Scratch"], Any]] = None) -> tuple[torch.Tensor, list[Any]]:
     """The Gram matrix of ``transform(x)``, accumulated over column blocks on the
     worker threads so that the transformed matrix is never materialised; also
-    ``[visit(block) for each raw block]``, for rules that need other per-column
+    ``[visit(block, scratch) for each raw block]``, for rules that need other per-column
     statistics from the same pass over the matrix (FedSECA). Per-block products
     are exact for sign matrices (integer sums below 2^24) and summed in float64.
+    Both take the worker's :class:`._order.Scratch` for block-sized temporaries
+    (``transform``'s result may live there). A ``transform`` may return int8 (see :func:`int8_products`): the block
+    products then run as int8 x int8 -> int32 matrix products, exact as well.
     """
     from ._order import abs_block_width, map_column_blocks
 
-    def one(block: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        t = transform(block)
-        return (t @ t.T).to(torch.float64), (None if visit is None else visit(block))
+    def one(block: torch.Tensor, ws: Scratch) -> tuple[torch.Tensor, Any]:
+        t = transform(block, ws)
+        g = torch._int_mm(t, t.T) if t.dtype == torch.int8 else t @ t.T
+        return g.to(torch.float64), (None if visit is None else visit(block, ws))
 
     parts = map_column_blocks(x, one, abs_block_width(x.shape[0]))
     g = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
     for pg, _ in parts:
         g += pg
     return g.cpu(), [v for _, v in parts]
+
+
+def int8_products(n: int, device: torch.device) -> bool:
+    """Whether small-integer Gram products of ``n`` rows are faster in int8 here.
+
+    On CPU, ``torch._int_mm`` (int8 x int8 -> int32) beats float32 GEMM from about
+    48 rows on (0.58x the time at n = 100 on the 2-core AVX-512 VM of
+    BENCHMARKS.md, 1.5x slower at n = 20); elsewhere float32 is used.
+    """
+    return device.type == "cpu" and n >= 48 and _int_mm_works()
+
+
+@functools.lru_cache(maxsize=1)
+def _int_mm_works() -> bool:
+    try:
+        a = torch.ones(48, 64, dtype=torch.int8)
+        return bool(torch._int_mm(a, a.T)[0, 0] == 64)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def clip_scales(norms: torch.Tensor, radius: torch.Tensor | float) -> torch.Tensor:

@@ -38,8 +38,8 @@ from typing import Sequence
 import torch
 
 from ._common import Config, option
-from ._geometry import blocked_gram, clip_scales
-from ._order import RowKthAbs, map_sorted_columns, median_1d, positive_
+from ._geometry import blocked_gram, clip_scales, int8_products
+from ._order import RowKthAbs, Scratch, map_sorted_columns, median_1d
 from .base import DefenseResult, RoundContext, check_updates
 
 
@@ -72,12 +72,19 @@ class FedSECA:
         gamma = self.config.gamma
         quantile = RowKthAbs(updates, int(math.floor(gamma * (d - 1))) + 1) if gamma > 0 else None
 
-        def visit(block: torch.Tensor):
+        def visit(block: torch.Tensor, ws: Scratch):
             # Same pass as the sign Gram: row sums of squares and the quantile bracket.
-            a = block.abs()
-            return (a * a).sum(1).double(), None if quantile is None else quantile.observe(a)
+            a = torch.abs(block, out=ws(10, *block.shape))
+            sq = torch.mul(a, a, out=ws(11, *block.shape)).sum(1).double()
+            return sq, None if quantile is None else quantile.observe(a, ws)
 
-        concord, seen = blocked_gram(updates, torch.sign, visit)
+        int8 = int8_products(n, updates.device)
+
+        def sign(block: torch.Tensor, ws: Scratch) -> torch.Tensor:
+            s = torch.sign(block, out=ws(20, *block.shape))
+            return s.to(torch.int8) if int8 else s
+
+        concord, seen = blocked_gram(updates, sign, visit)
         sq = torch.zeros(n, dtype=torch.float64, device=dev)
         for block_sq, part in seen:
             sq += block_sq
@@ -92,20 +99,23 @@ class FedSECA:
         elected = torch.empty(d, dtype=torch.int8, device=dev)
         lo, hi = (n - 1) // 2, n // 2
 
-        def fn(r: Sequence[torch.Tensor], cols: slice) -> None:
-            mu = r[lo] if lo == hi else (r[lo] + r[hi]) * 0.5
+        bar = tau if tau is not None else torch.zeros(n, 1, dtype=dt, device=dev)
+
+        def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
+            mu = r[lo] if lo == hi else torch.add(r[lo], r[hi]).mul_(0.5)
             raw = updates[:, cols]
-            vals = torch.clamp(raw * clip[:, None], min=-mu, max=mu)
-            if tau is not None:
-                vals.mul_(positive_(raw.abs().sub_(tau)))       # keep |raw| > tau
-            sign = torch.sign(rho_dev @ torch.sign(raw))
+            sign = torch.sign(rho_dev @ torch.sign(raw, out=ws(2, *raw.shape)))
             elected[cols] = sign
-            # The aligned values are those with vals * sign > 0; their sum is
-            # sign * sum(max(vals * sign, 0)).
-            vals.mul_(sign).clamp_min_(0.0)
+            # t = x * s: positive where x agrees with the elected sign, and then |x|,
+            # so "kept (|x| > tau) and aligned" is t > tau (tau >= 0).
+            t = torch.mul(raw, sign, out=ws(0, *raw.shape))
+            mask = torch.gt(t, bar, out=ws(1, *raw.shape))
+            # The aligned clipped value clamped to the median magnitude is
+            # min(t * clip, mu) (= s * clamp(x * clip, -mu, mu), sign flips are exact);
+            # the mean runs over the nonzero ones.
+            vals = torch.minimum(t.mul_(clip[:, None]), mu, out=t).mul_(mask)
             total = vals.sum(0).mul_(sign)
-            count = vals.sign_().sum(0)
-            torch.div(total, count.clamp_min_(1.0), out=out[cols])
+            torch.div(total, torch.gt(vals, 0.0, out=mask).sum(0).clamp_min_(1.0), out=out[cols])
 
         map_sorted_columns(updates, fn, scale=clip, absolute=True, need=(lo, hi))
         delta = out

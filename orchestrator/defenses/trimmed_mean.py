@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ._common import Config, need, option
-from ._order import map_sorted_columns
+from ._order import Scratch, map_sorted_columns
 from .base import DefenseResult, RoundContext, check_updates
 
 
@@ -37,9 +37,10 @@ def trimmed_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return torch.mean(x, 0, out=out)
 
-    def fn(r: Sequence[torch.Tensor], cols: slice) -> None:
+    def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
         lo, hi = r[k], r[n - 1 - k]
-        kept = torch.maximum(torch.minimum(x[:, cols], hi), lo).sum(0)
+        kept = torch.minimum(x[:, cols], hi, out=ws(0, n, lo.numel()))
+        kept = torch.maximum(kept, lo, out=kept).sum(0)
         kept -= (lo + hi) * k
         torch.div(kept, n - 2 * k, out=out[cols])
 

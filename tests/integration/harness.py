@@ -5,6 +5,9 @@ Every process started here is stopped by PID when the ``with`` block ends.
 """
 from __future__ import annotations
 
+import copy
+import io
+import json
 import secrets
 import threading
 import time
@@ -12,22 +15,40 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from orchestrator.coordinator import Coordinator
-from orchestrator.runner import ChildProcesses, node_argv
+from rich.console import Console
+
+from orchestrator.runner import ChildProcesses, node_argv, run_scenario
 from orchestrator.scenario import Scenario, from_dict
 from orchestrator.servicer import serve
 
 
-def scenario(**sections: Any) -> Scenario:
-    raw: dict[str, Any] = {"name": "test", "seed": 0, "model": {"name": "mlp"},
+DEFAULT: dict[str, Any] = {"name": "test", "seed": 0, "model": {"name": "mlp"},
                            "training": {"lr": 0.05, "batch_size": 32},
                            "federation": {"rounds": 4, "round_timeout": 30.0, "lease_seconds": 3.0},
                            "output": {"live": False, "plot": False}}
+
+
+def scenario(base: Optional[dict[str, Any]] = None, **sections: Any) -> Scenario:
+    """A validated scenario: ``base`` (default :data:`DEFAULT`) with each given
+    section merged key by key into the base's table (other values replace)."""
+    raw = copy.deepcopy(DEFAULT if base is None else base)
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
     return from_dict(raw)
+
+
+def run(s: Scenario, run_dir: Path) -> tuple[dict, list[dict]]:
+    """``run_scenario`` with its terminal output swallowed: the summary and the metrics rows."""
+    summary = run_scenario(s, run_dir, console=Console(file=io.StringIO(), width=200))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def node_log(run_dir: Path, name: str) -> str:
+    return (run_dir / "nodes" / f"{name}.log").read_text()
 
 
 class Federation:

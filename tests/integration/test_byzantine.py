@@ -6,42 +6,30 @@ and stops every process it started by PID.
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from rich.console import Console
 
-from orchestrator.runner import ChildProcesses, behaviour_json, run_scenario
-from orchestrator.scenario import RoleSection, Scenario, ScenarioError, from_dict
-from tests.integration.harness import Federation
+from orchestrator.runner import ChildProcesses, behaviour_json
+from orchestrator.scenario import RoleSection, Scenario, ScenarioError
+from tests.integration import harness
+from tests.integration.harness import Federation, node_log, run
+
+
+BASE: dict[str, Any] = {"name": "byz", "seed": 0, "model": {"name": "mlp"}, "data": {"dataset": "mnist5k"},
+                       "training": {"lr": 0.05, "batch_size": 32, "momentum": 0.5},
+                       "federation": {"rounds": 5, "round_timeout": 60.0, "lease_seconds": 6.0},
+                       "defense": {"name": "mean"},
+                       "output": {"live": False, "plot": False, "checkpoint_every": 0}}
 
 
 def scenario(**sections: Any) -> Scenario:
-    raw: dict[str, Any] = {"name": "byz", "seed": 0, "model": {"name": "mlp"}, "data": {"dataset": "mnist5k"},
-                           "training": {"lr": 0.05, "batch_size": 32, "momentum": 0.5},
-                           "federation": {"rounds": 5, "round_timeout": 60.0, "lease_seconds": 6.0},
-                           "defense": {"name": "mean"},
-                           "output": {"live": False, "plot": False, "checkpoint_every": 0}}
-    for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
-    return from_dict(raw)
-
-
-def run(s: Scenario, run_dir: Path) -> tuple[dict, list[dict]]:
-    summary = run_scenario(s, run_dir, console=Console(file=io.StringIO(), width=200))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
-
-
-def node_log(run_dir: Path, name: str) -> str:
-    return (run_dir / "nodes" / f"{name}.log").read_text()
+    return harness.scenario(BASE, **sections)
 
 
 def sent_crcs(log: str, attack: str) -> dict[int, str]:

@@ -7,8 +7,6 @@ in-process harness. Every process is stopped by PID.
 """
 from __future__ import annotations
 
-import io
-import json
 import re
 import threading
 import time
@@ -18,33 +16,22 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from rich.console import Console
 
 from fednode.client import FederationClient
-from orchestrator.runner import run_scenario
-from orchestrator.scenario import Scenario, from_dict, load
-from tests.integration.harness import Federation
+from orchestrator.scenario import Scenario, load
+from tests.integration import harness
+from tests.integration.harness import Federation, node_log, run
+
+
+BASE: dict[str, Any] = {"name": "churn", "seed": 0, "model": {"name": "mlp"}, "data": {"dataset": "mnist5k"},
+                       "training": {"lr": 0.05, "batch_size": 32},
+                       "federation": {"rounds": 4, "round_timeout": 60.0, "lease_seconds": 4.0},
+                       "defense": {"name": "mean"}, "adversary": {"collusion": "off"},
+                       "output": {"live": False, "plot": False, "checkpoint_every": 0}}
 
 
 def scenario(**sections: Any) -> Scenario:
-    raw: dict[str, Any] = {"name": "churn", "seed": 0, "model": {"name": "mlp"}, "data": {"dataset": "mnist5k"},
-                           "training": {"lr": 0.05, "batch_size": 32},
-                           "federation": {"rounds": 4, "round_timeout": 60.0, "lease_seconds": 4.0},
-                           "defense": {"name": "mean"}, "adversary": {"collusion": "off"},
-                           "output": {"live": False, "plot": False, "checkpoint_every": 0}}
-    for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
-    return from_dict(raw)
-
-
-def run(s: Scenario, run_dir: Path) -> tuple[dict, list[dict]]:
-    summary = run_scenario(s, run_dir, console=Console(file=io.StringIO(), width=200))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
-
-
-def node_log(run_dir: Path, name: str) -> str:
-    return (run_dir / "nodes" / f"{name}.log").read_text()
+    return harness.scenario(BASE, **sections)
 
 
 def crashes(run_dir: Path, phase_words: str = "uploading") -> dict[int, set[str]]:

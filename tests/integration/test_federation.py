@@ -1,7 +1,6 @@
 """A real orchestrator and real node processes on 127.0.0.1 (gRPC, no mocks)."""
 from __future__ import annotations
 
-import os
 import signal
 
 import grpc

@@ -28,7 +28,7 @@ def _upload(node: str) -> Upload:
 def test_dropped_phase_is_inferred_from_what_the_orchestrator_saw():
     clock = Clock()
     k = RoundKeeper(clock)
-    r = k.open(0, 0, {"ok", "never", "trained", "mid"}, timeout=10, quorum=0.25)
+    k.open(0, 0, {"ok", "never", "trained", "mid"}, timeout=10, quorum=0.25)
     for n in ("ok", "trained", "mid"):
         k.mark_downloaded(n, 0)
     k.mark_downloaded("stranger", 0)  # not selected: ignored
@@ -45,7 +45,7 @@ def test_dropped_phase_is_inferred_from_what_the_orchestrator_saw():
 
 def test_over_selection_closes_at_the_target_and_refuses_the_rest_as_late():
     k = RoundKeeper(Clock())
-    r = k.open(3, 1, {"a", "b", "c", "d"}, timeout=10, quorum=0.5, target=3)
+    k.open(3, 1, {"a", "b", "c", "d"}, timeout=10, quorum=0.5, target=3)
     slow = k.begin_upload("d", 3, 1)  # in flight when the round reaches its target
     for n in ("a", "b", "c"):
         k.finish_upload(k.begin_upload(n, 3, 1), _upload(n))

@@ -6,7 +6,7 @@ import torch
 
 from orchestrator.defenses import RoundContext, build_defense
 from proto.layout import Layout
-from tests.unit.defenses.helpers import GLOBAL, LAYOUT, context, honest, model_fn
+from tests.unit.defenses.helpers import GLOBAL, LAYOUT, context, honest
 
 
 def test_stpa_skips_a_round_whose_aggregate_opposes_the_momentum():

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from orchestrator.defenses._order import column_median, map_sorted_columns, network, row_kth_abs
+from orchestrator.defenses._order import (RowKthAbs, abs_block_width, column_median, map_column_blocks,
+                                          map_sorted_columns, network, row_kth_abs)
 from orchestrator.defenses.trimmed_mean import trimmed_mean
 
 
@@ -55,7 +56,7 @@ def test_map_sorted_columns_with_rows_scale_and_abs():
     scale = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.25], dtype=torch.float64)
     out = torch.empty(5, x.shape[1], dtype=torch.float64)
 
-    def fn(r, cols):
+    def fn(r, cols, ws):
         out[:, cols] = torch.stack(list(r))
 
     map_sorted_columns(x, fn, rows=rows, scale=scale, absolute=True)
@@ -86,8 +87,28 @@ def test_row_kth_abs_falls_back_when_the_sample_misleads():
     # the count check notices, and the exact path answers.
     d = 200_000
     x = torch.rand(2, d, generator=torch.Generator().manual_seed(5))
-    s = max(1 << 14, min(1 << 18, d // 64))
-    pos = (torch.arange(s, dtype=torch.float64) * 0.6180339887498949).frac().mul(d).long().clamp_(0, d - 1)
-    x[:, pos] = 1e6
+    x[0, RowKthAbs.sample_positions(d)] = 1e6       # row 0 misleads, row 1 does not
     k = 180_000
-    assert torch.equal(row_kth_abs(x, k), x.abs().sort(1).values[:, k - 1])
+    sel = RowKthAbs(x, k)
+    for part in map_column_blocks(x, lambda b, ws: sel.observe(b.abs()), abs_block_width(2)):
+        sel.absorb(part)
+    assert float(sel.lo[0]) == 1e6 and float(sel.lo[1]) < 1.0  # the bracket of row 0 misses
+    assert torch.equal(sel.result(), x.abs().sort(1).values[:, k - 1])
+
+
+@pytest.mark.parametrize("n", [20, 50, 100])
+def test_sign_gram_is_exact_in_int8_and_float(n):
+    from orchestrator.defenses._geometry import _int_mm_works, blocked_gram, int8_products
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 50_001, generator=g)
+    x[0, ::3] = 0.0                                   # zeros: sign 0, no vote
+    s = torch.sign(x).double()
+    ref = s @ s.T
+    got, _ = blocked_gram(x, lambda b, ws: torch.sign(b))
+    assert torch.equal(got, ref)
+    if not _int_mm_works():
+        pytest.skip("torch._int_mm is not available in this torch build")
+    assert int8_products(n, x.device) == (n >= 48)
+    got8, _ = blocked_gram(x, lambda b, ws: torch.sign(b, out=ws(0, *b.shape)).to(torch.int8))
+    assert torch.equal(got8, ref)

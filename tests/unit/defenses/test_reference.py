@@ -432,9 +432,11 @@ def test_vdc_without_features_method_uses_all_children_but_the_last():
     close(res.diagnostics["scores"], torch.tensor(scores, dtype=x.dtype))
 
 
-def test_fedseca_on_long_rows_matches_a_direct_torch_version():
-    # d above the size where the exact quantile switches to its sampled bracket.
-    n, d, gamma = 7, 100_003, 0.9
+@pytest.mark.parametrize("n,d", [(7, 100_003), (49, 70_001)])
+def test_fedseca_on_long_rows_matches_a_direct_torch_version(n, d):
+    # d above the size where the exact quantile switches to its sampled bracket;
+    # n = 49 takes the int8 sign-Gram path on CPU (n odd: the median is the middle).
+    gamma = 0.9
     g = torch.Generator().manual_seed(20)
     x = 0.1 * torch.randn(d, generator=g, dtype=torch.float64) + 0.2 * torch.randn(n, d, generator=g, dtype=torch.float64)
     x[2, :500] = 0.0
