@@ -27,7 +27,15 @@ concordance ratio is positive (it has a vote in the election).
 
 Quantile: ``tau_k`` is the ``floor(gamma (d - 1)) + 1``-th smallest ``|x_kj|``,
 which keeps the same set as the linearly interpolated quantile of the paper's
-code under strict ``>``. Found exactly with torch (:func:`._order.row_kth_abs`).
+code under strict ``>``. Found exactly (:class:`._order.RowKthAbs`: a sampled
+bracket, counted and gathered in the same pass as the sign Gram, then one torch
+``kthvalue`` over the gathered values; no copy of the matrix, no size limit).
+
+Cost (BENCHMARKS.md): two passes over the matrix. The first builds the sign
+Gram (int8 products from 48 clients on, exact), the row norms and the quantile
+bracket; the second sorts each column block's clipped magnitudes with the
+sorting network for the median and does clamp, sparsify and the sign-aligned
+mean in 10 vectorised ops on the block, in per-thread scratch buffers.
 """
 from __future__ import annotations
 
