@@ -33,24 +33,15 @@ The server side of FedDyn is ``orchestrator.server_step`` (the strategy's
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from proto.layout import Layout
 
+from .config import TrainConfig
 
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    algorithm: str = "fedavg"
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    params: dict[str, Any] = field(default_factory=dict)
-    """The algorithm's own hyper-parameters (e.g. FedProx ``mu``)."""
+__all__ = ["TrainConfig", "batches", "train_local"]
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from fednode.config import TrainConfig
+
 
 class ScenarioError(ValueError):
     """A scenario file or override is invalid; the message names the key."""
@@ -37,15 +39,8 @@ class DataSection:
     test_fraction: float = 0.2
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainingSection:
-    algorithm: str = "fedavg"
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    params: dict = field(default_factory=dict)
+# The [training] section is exactly what a node is told about local training.
+TrainingSection = TrainConfig
 
 
 @dataclass(frozen=True, kw_only=True)
