@@ -70,6 +70,12 @@ class LocalRound:
             raise ValueError(f"node state {key!r} must be a float tensor of shape ({d},), got {shape}")
         return value.to(device=self.global_vec.device, dtype=torch.float32)
 
+    def load_state(self, key: str) -> None:
+        """Keep the state vector ``key`` for this round in ``scratch[key]`` and its
+        per-parameter views (in each parameter's dtype) in ``scratch[key + "_views"]``."""
+        vec = self.scratch[key] = self.state_vector(key)
+        self.scratch[key + "_views"] = [v.to(p.dtype) for v, p in zip(self.param_views(vec), self.params)]
+
 
 def ensure_grad(p: torch.Tensor) -> torch.Tensor:
     """``p.grad``, created as zeros for a parameter the loss did not reach."""

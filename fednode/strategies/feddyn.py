@@ -42,17 +42,15 @@ class FedDyn(LocalStrategy):
     stateful = True
 
     def begin_round(self, rnd: LocalRound) -> None:
-        h = rnd.state_vector(STATE_KEY)
-        rnd.scratch["h"] = h
-        rnd.scratch["h_views"] = [v.to(p.dtype) for v, p in zip(rnd.param_views(h), rnd.params)]
+        rnd.load_state(STATE_KEY)
 
     def add_gradient_terms(self, rnd: LocalRound) -> None:
         alpha = self.config.alpha
         with torch.no_grad():
-            for p, g, h in zip(rnd.params, rnd.global_params, rnd.scratch["h_views"]):
+            for p, g, h in zip(rnd.params, rnd.global_params, rnd.scratch[STATE_KEY + "_views"]):
                 ensure_grad(p).sub_(h).add_(p - g, alpha=alpha)
 
     def end_round(self, rnd: LocalRound, local_vec: torch.Tensor) -> torch.Tensor:
         drift = (local_vec - rnd.global_vec) * rnd.param_mask
-        rnd.state[STATE_KEY] = rnd.scratch["h"] - self.config.alpha * drift
+        rnd.state[STATE_KEY] = rnd.scratch[STATE_KEY] - self.config.alpha * drift
         return local_vec

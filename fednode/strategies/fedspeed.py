@@ -60,9 +60,7 @@ class FedSpeed(LocalStrategy):
     stateful = True
 
     def begin_round(self, rnd: LocalRound) -> None:
-        ghat = rnd.state_vector(STATE_KEY)
-        rnd.scratch["ghat"] = ghat
-        rnd.scratch["ghat_views"] = [v.to(p.dtype) for v, p in zip(rnd.param_views(ghat), rnd.params)]
+        rnd.load_state(STATE_KEY)
 
     def compute_gradients(self, rnd: LocalRound, xb: torch.Tensor, yb: torch.Tensor) -> None:
         perturbed_gradients(self, rnd, xb, yb, rho=self.config.rho, normalize=False, mix=self.config.alpha)
@@ -70,11 +68,11 @@ class FedSpeed(LocalStrategy):
     def add_gradient_terms(self, rnd: LocalRound) -> None:
         inv_lam = 1.0 / self.config.lam
         with torch.no_grad():
-            for p, g, ghat in zip(rnd.params, rnd.global_params, rnd.scratch["ghat_views"]):
+            for p, g, ghat in zip(rnd.params, rnd.global_params, rnd.scratch[STATE_KEY + "_views"]):
                 ensure_grad(p).sub_(ghat).add_(p - g, alpha=inv_lam)
 
     def end_round(self, rnd: LocalRound, local_vec: torch.Tensor) -> torch.Tensor:
         lam = self.config.lam
-        ghat = rnd.scratch["ghat"] - ((local_vec - rnd.global_vec) * rnd.param_mask) / lam
+        ghat = rnd.scratch[STATE_KEY] - ((local_vec - rnd.global_vec) * rnd.param_mask) / lam
         rnd.state[STATE_KEY] = ghat
         return local_vec - lam * ghat

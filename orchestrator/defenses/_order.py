@@ -27,7 +27,7 @@ import torch
 class Scratch:
     """Reusable temporaries of one worker thread for one blocked pass.
 
-    ``ws(slot, rows, cols)`` is a contiguous ``[rows, cols]`` tensor that stays
+    ``ws(name, rows, cols)`` is a contiguous ``[rows, cols]`` tensor that stays
     the same memory for every block the thread handles (the last block may be
     narrower: it gets the front of the buffer). Fresh block-sized temporaries
     would each be a new mapping when glibc's mmap threshold is pinned, as the
@@ -37,15 +37,15 @@ class Scratch:
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype, self.device = dtype, device
-        self._bufs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def __call__(self, slot: int, rows: int, cols: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def __call__(self, name: str, rows: int, cols: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         dt = self.dtype if dtype is None else dtype
         need = rows * cols
-        buf = self._bufs.get((slot, dt))
+        buf = self._bufs.get((name, dt))
         if buf is None or buf.numel() < need:
             buf = torch.empty(need, dtype=dt, device=self.device)
-            self._bufs[(slot, dt)] = buf
+            self._bufs[(name, dt)] = buf
         return buf[:need].view(rows, cols)
 
 
@@ -124,7 +124,7 @@ def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tens
             w = c1 - c0
             block = buf[:n_rows, :w]
             src = x[:, c0:c1] if rows is None else \
-                torch.index_select(x[:, c0:c1], 0, rows, out=ws(-1, n_rows, w))
+                torch.index_select(x[:, c0:c1], 0, rows, out=ws("map.rows", n_rows, w))
             if scale is not None:
                 torch.mul(src, scale[:, None], out=block)
             else:
@@ -181,6 +181,7 @@ def _run_parts(run: Callable[[list[tuple[int, int]]], None], blocks: list[tuple[
 
 def _map_device(x, fn, rows, scale, absolute, n_rows) -> None:
     d = x.shape[1]
+    ws = Scratch(x.dtype, x.device)
     # Bound the temporary (values + int64 indices of torch.sort) to ~1/4 of x.
     width = max(1 << 16, d // 4)
     for c0 in range(0, d, width):
@@ -190,7 +191,7 @@ def _map_device(x, fn, rows, scale, absolute, n_rows) -> None:
             block = block * scale[:, None]
         if absolute:
             block = block.abs()
-        fn(list(torch.sort(block, dim=0).values.unbind(0)), slice(c0, c1), Scratch(x.dtype, x.device))
+        fn(list(torch.sort(block, dim=0).values.unbind(0)), slice(c0, c1), ws)
 
 
 def positive_(z: torch.Tensor) -> torch.Tensor:
@@ -290,7 +291,7 @@ class RowKthAbs:
         starts = (torch.arange(s // run, dtype=torch.float64) * 0.6180339887498949).frac().mul(d - run).long()
         return (torch.sort(starts).values[:, None] + torch.arange(run)).flatten()
 
-    def observe(self, a: torch.Tensor, ws: Optional[Scratch] = None) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def observe(self, a: torch.Tensor, ws: Scratch) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """What one column block of ``|x|`` contributes; thread-safe (it changes
         nothing): hand every block's part to :meth:`absorb` exactly once."""
         if self.direct:
@@ -298,7 +299,7 @@ class RowKthAbs:
         # Counts from comparisons written to float outputs, which run at the
         # speed of a multiply (bool outputs are several times slower on CPU).
         # (Float32 sums of 0/1 are exact: a block has fewer than 2^24 columns.)
-        m = torch.lt(a, self.lo, out=torch.empty_like(a) if ws is None else ws(100, *a.shape))
+        m = torch.lt(a, self.lo, out=ws("kth.mask", *a.shape))
         below = m.sum(1)
         inside = torch.le(a, self.hi, out=m).sum(1).sub_(below)
         if a.device.type == "cpu":
@@ -380,7 +381,7 @@ def row_kth_abs(x: torch.Tensor, k: int) -> torch.Tensor:
     sel = RowKthAbs(x, k)
     if not sel.direct:
         def one(b: torch.Tensor, ws: Scratch):
-            return sel.observe(torch.abs(b, out=ws(0, *b.shape)), ws)
+            return sel.observe(torch.abs(b, out=ws("kth.abs", *b.shape)), ws)
 
         for part in map_column_blocks(x, one, abs_block_width(x.shape[0])):
             sel.absorb(part)

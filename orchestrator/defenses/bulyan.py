@@ -91,13 +91,13 @@ class Bulyan(GramRule):
         beta = theta - 2 * f
         if self.config.reduction == "trimmed-mean":
             def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
-                kept = torch.stack(list(r[f:theta - f]), out=ws(0, beta, r[0].numel()))
+                kept = torch.stack(list(r[f:theta - f]), out=ws("kept", beta, r[0].numel()))
                 torch.sum(kept, 0, out=out[cols]).div_(beta)
         else:
             offsets = torch.arange(beta, device=x.device)[:, None]
 
             def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
-                y = torch.stack(list(r), out=ws(0, theta, r[0].numel()))
+                y = torch.stack(list(r), out=ws("sorted", theta, r[0].numel()))
                 twice_median = r[(theta - 1) // 2] + r[theta // 2]
                 # The beta values closest to the median are a run y[a : a + beta] of
                 # the sorted values. Sliding the run up by one swaps y[t] for
@@ -105,8 +105,8 @@ class Bulyan(GramRule):
                 # y[t] + y[t + beta] < 2 median; that test only flips once as t
                 # grows, so a counts the t in [0, 2f) that pass (ties stay low).
                 w = y.shape[1]
-                start = positive_(torch.sub(twice_median, y[:2 * f], out=ws(1, 2 * f, w)).sub_(y[beta:])).sum(0).long()
-                index = torch.add(start, offsets, out=ws(2, beta, w, torch.int64))
-                torch.sum(torch.gather(y, 0, index, out=ws(3, beta, w)), 0, out=out[cols]).div_(beta)
+                start = positive_(torch.sub(twice_median, y[:2 * f], out=ws("gap", 2 * f, w)).sub_(y[beta:])).sum(0).long()
+                index = torch.add(start, offsets, out=ws("index", beta, w, torch.int64))
+                torch.sum(torch.gather(y, 0, index, out=ws("gathered", beta, w)), 0, out=out[cols]).div_(beta)
 
         map_sorted_columns(x, fn, rows=rows, scale=scale)

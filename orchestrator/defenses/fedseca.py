@@ -82,14 +82,14 @@ class FedSECA:
 
         def visit(block: torch.Tensor, ws: Scratch):
             # Same pass as the sign Gram: row sums of squares and the quantile bracket.
-            a = torch.abs(block, out=ws(10, *block.shape))
-            sq = torch.mul(a, a, out=ws(11, *block.shape)).sum(1).double()
+            a = torch.abs(block, out=ws("abs", *block.shape))
+            sq = torch.mul(a, a, out=ws("square", *block.shape)).sum(1).double()
             return sq, None if quantile is None else quantile.observe(a, ws)
 
         int8 = int8_products(n, updates.device)
 
         def sign(block: torch.Tensor, ws: Scratch) -> torch.Tensor:
-            s = torch.sign(block, out=ws(20, *block.shape))
+            s = torch.sign(block, out=ws("sign", *block.shape))
             return s.to(torch.int8) if int8 else s
 
         concord, seen = blocked_gram(updates, sign, visit)
@@ -112,12 +112,12 @@ class FedSECA:
         def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
             mu = r[lo] if lo == hi else torch.add(r[lo], r[hi]).mul_(0.5)
             raw = updates[:, cols]
-            sign = torch.sign(rho_dev @ torch.sign(raw, out=ws(2, *raw.shape)))
+            sign = torch.sign(rho_dev @ torch.sign(raw, out=ws("sign", *raw.shape)))
             elected[cols] = sign
             # t = x * s: positive where x agrees with the elected sign, and then |x|,
             # so "kept (|x| > tau) and aligned" is t > tau (tau >= 0).
-            t = torch.mul(raw, sign, out=ws(0, *raw.shape))
-            mask = torch.gt(t, bar, out=ws(1, *raw.shape))
+            t = torch.mul(raw, sign, out=ws("aligned", *raw.shape))
+            mask = torch.gt(t, bar, out=ws("mask", *raw.shape))
             # The aligned clipped value clamped to the median magnitude is
             # min(t * clip, mu) (= s * clamp(x * clip, -mu, mu), sign flips are exact);
             # the mean runs over the nonzero ones.

@@ -39,7 +39,7 @@ def trimmed_mean(x: torch.Tensor, k: int) -> torch.Tensor:
 
     def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
         lo, hi = r[k], r[n - 1 - k]
-        kept = torch.minimum(x[:, cols], hi, out=ws(0, n, lo.numel()))
+        kept = torch.minimum(x[:, cols], hi, out=ws("clamped", n, lo.numel()))
         kept = torch.maximum(kept, lo, out=kept).sum(0)
         kept -= (lo + hi) * k
         torch.div(kept, n - 2 * k, out=out[cols])

@@ -22,13 +22,7 @@ from proto.layout import Layout
 NAMES = sorted(STRATEGIES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: threading only adds contention (and run-to-run noise) on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_row_kth_abs_falls_back_when_the_sample_misleads():
     x[0, RowKthAbs.sample_positions(d)] = 1e6       # row 0 misleads, row 1 does not
     k = 180_000
     sel = RowKthAbs(x, k)
-    for part in map_column_blocks(x, lambda b, ws: sel.observe(b.abs()), abs_block_width(2)):
+    for part in map_column_blocks(x, lambda b, ws: sel.observe(b.abs(), ws), abs_block_width(2)):
         sel.absorb(part)
     assert float(sel.lo[0]) == 1e6 and float(sel.lo[1]) < 1.0  # the bracket of row 0 misses
     assert torch.equal(sel.result(), x.abs().sort(1).values[:, k - 1])
@@ -110,5 +110,5 @@ def test_sign_gram_is_exact_in_int8_and_float(n):
     if not _int_mm_works():
         pytest.skip("torch._int_mm is not available in this torch build")
     assert int8_products(n, x.device) == (n >= 48)
-    got8, _ = blocked_gram(x, lambda b, ws: torch.sign(b, out=ws(0, *b.shape)).to(torch.int8))
+    got8, _ = blocked_gram(x, lambda b, ws: torch.sign(b, out=ws("sign", *b.shape)).to(torch.int8))
     assert torch.equal(got8, ref)
