@@ -3,7 +3,7 @@
 #   ./launch.sh                      set up (first time) and run the demo federation
 #   ./launch.sh test [pytest args]   run the whole test suite
 #   ./launch.sh run SCENARIO.toml [--set key=value ...]
-#   ./launch.sh orchestrator SCENARIO.toml [--host H] [--port P] [--token T]   orchestrator only
+#   ./launch.sh orchestrator SCENARIO.toml [--host H] [--port P] [--advertise-host A] [--token T]   orchestrator only
 #   ./launch.sh node --orchestrator HOST:PORT --name NAME --token T            one client node
 #   ./launch.sh defenses | attacks | check SCENARIO.toml | setup | bench NAME
 # Processes are started with exec or by the Python runner, which stops its

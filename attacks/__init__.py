@@ -5,12 +5,15 @@ place. ``build_attack(name, params)`` returns ``AttackClass(ConfigClass(**params
 an unknown name, an unknown parameter or a bad value raises ``ValueError`` naming
 it. ``describe()`` (also ``python -m attacks``) lists every attack.
 
-This package imports nothing from ``proto``, ``fednode`` or ``orchestrator``.
+This package imports nothing from ``fednode`` or ``orchestrator``, and from
+``proto`` only the two dependency-free helpers ``proto.registry`` (the registry
+shape shared by every layer) and ``proto.seeding`` (the one seed derivation).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
+
+from proto.registry import Registry
 
 from .base import (KNOWLEDGE_LEVELS, AttackContext, DataAttack, Kind, Knowledge, UpdateAttack,
                    check_requirements, config_params, mean_std, missing_requirements, reference_stats)
@@ -26,7 +29,7 @@ from .schedule import Schedule, build_schedule
 from .simple import Scaling, ScalingConfig, SignFlip, SignFlipConfig
 from .statistical import Alie, AlieConfig, Ipm, IpmConfig, alie_default_z
 
-ATTACKS: dict[str, tuple[type, type]] = {
+ATTACKS: Registry = Registry("attack", error=ValueError, entries={
     "label_flip": (LabelFlipConfig, LabelFlip),
     "targeted_flip": (TargetedFlipConfig, TargetedFlip),
     "boost": (BoostConfig, Boost),
@@ -47,30 +50,17 @@ ATTACKS: dict[str, tuple[type, type]] = {
     "ipm_opt": (IpmOptConfig, IpmOpt),
     "nonfinite": (NonFiniteConfig, NonFinite),
     "malformed": (MalformedConfig, Malformed),
-}
+})
 
 
 def _lookup(name: str) -> tuple[type, type]:
-    try:
-        return ATTACKS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}") from None
+    return ATTACKS.lookup(name)
 
 
 def build_attack(name: str, params: dict[str, Any] | None = None) -> Any:
     """The configured attack ``name``; ``ValueError`` names an unknown attack, an
     unknown parameter (listing the allowed ones) or a bad value (naming its key)."""
-    config_cls, attack_cls = _lookup(name)
-    params = dict(params or {})
-    allowed = [f.name for f in dataclasses.fields(config_cls)]
-    for key in params:
-        if key not in allowed:
-            raise ValueError(f"attack {name!r} has no parameter {key!r}; allowed: {', '.join(allowed) or '(none)'}")
-    try:
-        config = config_cls(**params)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"attack {name!r}: {exc}") from None
-    return attack_cls(config)
+    return ATTACKS.build(name, params)
 
 
 def describe() -> str:

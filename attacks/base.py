@@ -5,8 +5,9 @@ Rows are **deltas** (local weights minus global weights; the model moves by
 ``+delta``), never gradients: the honest direction is the mean delta, and every
 attack here is written in those terms.
 
-This package is pure torch/numpy. It imports nothing of ``proto``, ``fednode`` or
-``orchestrator``; callers inject what an attack needs (the layout's column slices,
+This package is pure torch/numpy. It imports nothing of ``fednode`` or
+``orchestrator`` and, of ``proto``, only the dependency-free ``proto.registry`` and
+``proto.seeding``; callers inject what an attack needs (the layout's column slices,
 the defense rule as a callable) through :class:`AttackContext`.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, Callable, ClassVar, Literal, Protocol, get_args, runtime
 
 import torch
 from torch import Tensor
+
+from proto.registry import fields_of
 
 Knowledge = Literal["nothing", "own", "colluders", "omniscient"]
 """What an attacker may read in a round.
@@ -288,14 +291,5 @@ def check_choice(config: Any, key: str, choices: tuple[str, ...]) -> None:
 
 
 def config_params(config_cls: type) -> list[tuple[str, str, Any]]:
-    """``(name, type, default)`` of each field of a config dataclass."""
-    out = []
-    for fld in dataclasses.fields(config_cls):
-        if fld.default is not dataclasses.MISSING:
-            default = fld.default
-        elif fld.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = fld.default_factory()  # type: ignore[misc]
-        else:
-            default = dataclasses.MISSING
-        out.append((fld.name, str(fld.type), default))
-    return out
+    """``(name, type, default)`` of each field of a config dataclass (``dataclasses.MISSING`` when required)."""
+    return fields_of(config_cls, missing=dataclasses.MISSING)

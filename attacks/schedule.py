@@ -11,18 +11,9 @@ from typing import Any
 
 import torch
 
+from proto.seeding import generator
+
 from .base import check_number
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(seed: int, round: int) -> int:
-    """A 63-bit seed from ``(seed, round)`` (splitmix64 finaliser), so nearby seeds
-    and rounds give unrelated draws."""
-    x = (seed * 0x9E3779B97F4A7C15 + round + 0x632BE59BD9B4E019) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +25,7 @@ class Schedule:
     * ``period_on`` / ``period_off``: from ``start_round``, active ``period_on``
       rounds, then idle ``period_off`` rounds, repeating (both or neither);
     * ``probability``: in a round the window and period allow, active with this
-      probability, drawn from a generator seeded by ``(seed, round)`` so a round's
+      probability, drawn from ``proto.seeding.generator(seed, "schedule", round)`` so a round's
       decision is reproducible and independent of the order rounds are queried in.
     """
 
@@ -77,7 +68,7 @@ class Schedule:
         if self.probability <= 0.0:
             return False
         seed = generator_or_seed.initial_seed() if isinstance(generator_or_seed, torch.Generator) else int(generator_or_seed)
-        g = torch.Generator().manual_seed(_mix(seed, round))
+        g = generator(seed, "schedule", round)
         return bool(torch.rand((), generator=g) < self.probability)
 
 

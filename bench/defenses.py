@@ -18,6 +18,11 @@ BatchNorm buffers); the plugin (vdc) runs those models (8 probes).
 
     ./launch.sh bench defenses [--n 20 50 100] [--d 1M 11M] [--reps 3] [--only krum,median]
                                [--threads 1 --clock cpu] [--wait-idle 60] [--heap orchestrator|default]
+                               [--common 1000]
+
+``--common S`` adds a part shared by every update, ``S`` times the spread (the
+default data has none; late in training ``S`` is ~1000, where the Euclidean
+Gram rules centre their float32 products, see ``_geometry.frame``).
 
 The process runs with the orchestrator's glibc heap settings by default
 (``--heap default`` for glibc's own): what a defense costs inside the
@@ -126,6 +131,7 @@ class PeakHeap:
 
 CLOCK = time.perf_counter
 IDLE_WAIT = 0.0
+COMMON = 0.0
 
 
 def _cpu_idle(window: float = 0.25) -> float:
@@ -167,6 +173,11 @@ def run_size(n: int, dkey: str, reps: int, only: set[str] | None) -> None:
     d = layout.d
     gw = layout.flatten(model.state_dict())
     updates = torch.randn(n, d, generator=torch.Generator().manual_seed(n)).mul_(1e-3)
+    if COMMON:
+        # A part every client shares, COMMON times the per-client spread (late in
+        # training the spread is ~1e-3 of it: float32 Gram products cancel).
+        shared = torch.randn(d, generator=torch.Generator().manual_seed(1000 + n)).mul_(1e-3 * COMMON)
+        updates.add_(shared)
     f, fb = int(0.3 * n), (n - 3) // 4
 
     def ctx(ff: int) -> RoundContext:
@@ -235,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall time, or process CPU time (with --threads 1: stable on a shared machine)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each timed call wait up to S seconds for the cores to be >= 80%% idle")
+    p.add_argument("--common", type=float, default=0.0, metavar="S",
+                   help="add a part shared by every update, S times the per-client spread "
+                        "(1000: late in training, where the Gram rules centre their float32 products)")
     p.add_argument("--heap", choices=("orchestrator", "default"), default="orchestrator",
                    help="glibc malloc settings: the orchestrator's (steady_heap: buffers >= 1 MiB are "
                         "their own mappings, so fresh temporaries page-fault) or glibc's defaults")
@@ -243,14 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.coordinator import steady_heap
 
         steady_heap()
-    global CLOCK, IDLE_WAIT
+    global CLOCK, IDLE_WAIT, COMMON
     IDLE_WAIT = args.wait_idle
+    COMMON = args.common
     if args.threads:
         torch.set_num_threads(args.threads)
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.clock} clock, "
-          f"{args.heap} heap settings")
+          f"{args.heap} heap settings" + (f", common part {args.common:g}x the spread" if args.common else ""))
     for dkey in args.d:
         for n in args.n:
             run_size(n, dkey, args.reps, only)

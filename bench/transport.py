@@ -37,9 +37,7 @@ def synthetic_coordinator(d: int, run_dir: Path) -> Coordinator:
     s = from_dict({"name": "bench", "model": {"name": "logreg"}, "roles": [{"name": "bench", "count": 1}],
                    "output": {"live": False, "plot": False}})
     coord = Coordinator(s, run_dir, "bench-token")
-    coord.layout = Layout.from_shapes([("w", (d,))])
-    coord.layout_json, coord.layout_hash = coord.layout.to_json(), coord.layout.hash()
-    coord.global_vec = torch.zeros(d)
+    coord.use_layout(Layout.from_shapes([("w", (d,))]), torch.zeros(d))
     return coord
 
 
@@ -104,11 +102,11 @@ def run(d: int, repeats: int, chunk_bytes: int) -> tuple[list[float], list[float
         proc.start()
         node_id = parent.recv()
         for r in range(repeats + 1):
-            coord.keeper.open(r, 0, {node_id}, 600, 1.0)
+            coord.open_round(r, {node_id}, 600, 1.0)
             parent.send(r)
             assert parent.recv() == "done"
             rnd = coord.keeper.wait_close(lambda _: True)
-            assert torch.equal(rnd.uploads[node_id].delta, payload)
+            assert node_id in rnd.uploads and torch.equal(coord.store.row(node_id), payload)
         sock_t, grpc_t = parent.recv()
         proc.join()
         server.stop(0)

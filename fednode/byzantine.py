@@ -27,12 +27,15 @@ the number of colluders that posted this round when the node colludes, else the
 scenario's number of Byzantine nodes, capped at ``n``. Randomness is explicit:
 the attack's generator is seeded from ``(seed, round, node)``, drop-outs from
 ``(seed, round, node)`` too, the schedule from ``(seed, role)`` so that the nodes
-of one role are active in the same rounds.
+of one role are active in the same rounds (all through :mod:`proto.seeding`).
+
+A rule-aware attack (``needs_defense``) gets the scenario's defense through the
+``byzfed.defenses`` entry point (:mod:`fednode.rule_provider`), never by
+importing the orchestrator; without a provider installed the node refuses it.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import secrets
@@ -49,20 +52,17 @@ from proto import codec
 from proto.byzfed.v1 import adversary_pb2 as apb
 from proto.byzfed.v1 import adversary_pb2_grpc as apb_grpc
 from proto.byzfed.v1 import federation_pb2 as pb
+from proto.seeding import derive_seed, generator
 
-from .client import Task, channel_options
+from .rule_provider import RuleAggregate, RuleProviderError, load_rule_provider
+
+from .client import Task, channel_options, is_relative, resolve_address
 
 log = logging.getLogger("fednode.byzantine")
 
 
 class BehaviourError(ValueError):
     """The behaviour cannot run as configured; the node refuses to start."""
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of ints and strings (stable across processes)."""
-    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,9 +84,11 @@ class BehaviourSpec:
     f: int = 0
     """Byzantine nodes in the scenario (the collusion group's size)."""
     collusion: Optional[dict] = None
-    """``{address, token, timeout}`` of the group's collusion service."""
+    """``{address, token, timeout}`` of the group's collusion service (``:PORT``: on the host of
+    the orchestrator address this node joined on; see ``fednode.client.resolve_address``)."""
     adversary: Optional[dict] = None
-    """``{address, token, timeout}`` of the omniscient view (simulation only)."""
+    """``{address, token, timeout}`` of the omniscient view (simulation only); address ``""``: the
+    orchestrator address this node joined on (the view is on the orchestrator's server)."""
     defense: Optional[dict] = None
     """``{name, params, f}`` of the server's rule, for attacks with ``needs_defense``."""
 
@@ -131,7 +133,9 @@ class AdversaryViewClient:
 class Behaviour:
     """Drives a node's rounds as its scenario role says (see the module docstring)."""
 
-    def __init__(self, spec: BehaviourSpec, node_name: str) -> None:
+    def __init__(self, spec: BehaviourSpec, node_name: str, orchestrator: str = "") -> None:
+        """``orchestrator``: the address the node joins on, when known; services advertised
+        relative to it (see :class:`BehaviourSpec`) are otherwise connected at the first round."""
         self.spec = spec
         self.name = node_name
         if not 0.0 <= spec.dropout <= 1.0:
@@ -151,32 +155,50 @@ class Behaviour:
         self.view: Optional[AdversaryViewClient] = None
         self._poisoned: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._last_round = -1
+        self._rule: Optional[RuleAggregate] = None
+        self._view_spec: Optional[dict] = None  # where the view / the collusion service are, until connect()
+        self._collusion_spec: Optional[dict] = None
         if self.attack is None:
             return
+        adv = spec.adversary or {}
+        if self.knowledge == "omniscient" and not (isinstance(adv.get("address"), str) and adv.get("token")):
+            raise BehaviourError(
+                f"attack {spec.attack!r} with knowledge 'omniscient' needs the adversary view, but the scenario "
+                "does not enable it (set [adversary] omniscient = true; simulation only)")
+        if self.attack.needs_defense:
+            self._rule = self._defense_rule(spec)  # refused here, before any channel is opened
         if self.knowledge == "omniscient":
-            adv = spec.adversary or {}
-            if not adv.get("address") or not adv.get("token"):
-                raise BehaviourError(
-                    f"attack {spec.attack!r} with knowledge 'omniscient' needs the adversary view, but the scenario "
-                    "does not enable it (set [adversary] omniscient = true; simulation only)")
-            self.view = AdversaryViewClient(adv["address"], adv["token"])
+            self._view_spec = adv  # address '' : the orchestrator address the node joined on
         if self.knowledge == "colluders":
             col = spec.collusion or {}
             if col.get("address") and col.get("token"):
-                self.collusion = CollusionClient(col["address"], col["token"], node_name)
+                self._collusion_spec = col
             else:
                 log.warning("%s: no collusion service: the group of attack %r is this node alone", node_name,
                             spec.attack)
-        if self.attack.needs_defense and not (spec.defense and spec.defense.get("name")):
-            raise BehaviourError(f"attack {spec.attack!r} needs the defense rule, but the behaviour names none")
+        self.connect(orchestrator)
+
+    def connect(self, orchestrator: str = "") -> None:
+        """Open the clients of the view and of the collusion service (once each). An address
+        advertised relative to the orchestrator (``""``, ``:PORT``) waits for ``orchestrator``,
+        the address the node joined on (``run_round`` passes it)."""
+        if self.view is None and self._view_spec is not None:
+            addr = self._view_spec["address"]
+            if orchestrator or not is_relative(addr):
+                self.view = AdversaryViewClient(resolve_address(addr, orchestrator), self._view_spec["token"])
+        if self.collusion is None and self._collusion_spec is not None:
+            addr = self._collusion_spec["address"]
+            if orchestrator or not is_relative(addr):
+                self.collusion = CollusionClient(resolve_address(addr, orchestrator), self._collusion_spec["token"],
+                                                 self.name)
 
     @classmethod
-    def from_json(cls, text: str, node_name: str) -> "Behaviour":
+    def from_json(cls, text: str, node_name: str, orchestrator: str = "") -> "Behaviour":
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BehaviourError(f"behaviour is not JSON: {exc}") from None
-        return cls(BehaviourSpec.from_dict(raw), node_name)
+        return cls(BehaviourSpec.from_dict(raw), node_name, orchestrator)
 
     def _knowledge(self) -> str:
         k = self.spec.knowledge
@@ -201,7 +223,7 @@ class Behaviour:
     def drops_out(self, round_id: int) -> bool:
         if self.spec.dropout <= 0.0:
             return False
-        g = torch.Generator().manual_seed(derive_seed(self.spec.seed, "dropout", round_id, self.name))
+        g = generator(self.spec.seed, "dropout", round_id, self.name)
         return bool(torch.rand((), generator=g) < self.spec.dropout)
 
     def keep_going(self, node: Any, task: Task) -> bool:
@@ -216,7 +238,7 @@ class Behaviour:
     def prepare_data(self, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep a poisoned copy for data attacks; the clean shard serves inactive rounds."""
         if self.attack is not None and self.attack.kind == "data":
-            g = torch.Generator().manual_seed(derive_seed(self.spec.seed, "poison", self.name))
+            g = generator(self.spec.seed, "poison", self.name)
             self._poisoned = self.attack.poison(x, y, num_classes, g)
             changed = int((self._poisoned[1] != y).sum())
             log.info("%s: %s poisoned %d of %d labels", self.name, self.spec.attack, changed, len(y))
@@ -224,6 +246,7 @@ class Behaviour:
 
     # ----- one round -----------------------------------------------------------------
     def run_round(self, node: Any, task: Task) -> None:
+        self.connect(getattr(node.client, "address", ""))  # services advertised relative to the orchestrator
         r = task.round
         if r <= self._last_round:
             # Dropped out, or the upload was refused: the open round offers this node its
@@ -297,7 +320,7 @@ class Behaviour:
                 colluders = own[None]  # nothing arrived: estimate from the own update
         n = n or f + (0 if honest is None else honest.shape[0])
         return AttackContext(
-            n=n, f=min(f, n), generator=torch.Generator().manual_seed(derive_seed(self.spec.seed, "attack", r, self.name)),
+            n=n, f=min(f, n), generator=generator(self.spec.seed, "attack", r, self.name),
             own=own if level >= KNOWLEDGE_LEVELS.index("own") else None, colluders=colluders, honest=honest,
             slices=node.client.session.layout.slices(), round=r, global_weights=task.weights,
             aggregate=self._aggregate(node, task) if self.attack.needs_defense else None)
@@ -306,22 +329,31 @@ class Behaviour:
     def _timeout(service: Optional[dict]) -> float:
         return float((service or {}).get("timeout", 10.0))
 
-    def _aggregate(self, node: Any, task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The server's rule as ``[m, d] -> [d]``, for attacks with ``needs_defense``."""
-        # The one place fednode imports orchestrator code: the defenses package is
-        # pure torch (no gRPC, no network, no orchestrator state), and a rule-aware
-        # attack must run exactly the rule the scenario configures.
-        from orchestrator.defenses import RoundContext, build_defense
+    @staticmethod
+    def _defense_rule(spec: BehaviourSpec) -> RuleAggregate:
+        """The scenario's defense as a plain callable, from the ``byzfed.defenses`` plugin
+        (:mod:`fednode.rule_provider`): fednode imports nothing of the orchestrator."""
+        d = spec.defense or {}
+        if not d.get("name"):
+            raise BehaviourError(f"attack {spec.attack!r} needs the defense rule, but the behaviour names none")
+        try:
+            provider = load_rule_provider()
+        except RuleProviderError as exc:
+            raise BehaviourError(f"attack {spec.attack!r} needs the defense rule {d['name']!r}, but {exc}") from None
+        try:
+            return provider(d["name"], dict(d.get("params") or {}))
+        except ValueError as exc:
+            raise BehaviourError(f"attack {spec.attack!r}: defense: {exc}") from None
 
-        d = self.spec.defense
-        rule = build_defense(d["name"], d.get("params") or {})
-        layout, state = node.client.session.layout, {}
+    def _aggregate(self, node: Any, task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The server's rule as ``[m, d] -> [d]`` for this round, for attacks with ``needs_defense``."""
+        rule, d = self._rule, self.spec.defense or {}
+        assert rule is not None, "built in __init__ for attacks with needs_defense"
+        layout, state, f = node.client.session.layout, {}, int(d.get("f", 0))
 
         def aggregate(rows: torch.Tensor) -> torch.Tensor:
-            ctx = RoundContext(layout=layout, global_weights=task.weights, round=task.round, f=int(d.get("f", 0)),
-                               generator=torch.Generator().manual_seed(derive_seed(self.spec.seed, "rule", task.round)),
-                               state=state)
-            return rule(rows, ctx).delta
+            return rule(rows, f=f, generator=generator(self.spec.seed, "rule", task.round), layout=layout,
+                        global_weights=task.weights, round=task.round, state=state)
         return aggregate
 
     def _send_malformed(self, node: Any, task: Task, delta: torch.Tensor, n: int) -> None:

@@ -1,7 +1,8 @@
 """Churn a node inflicts on itself, as its scenario role says (``--churn JSON``).
 
 Cross-device nodes are unreliable; these keys make a real node process behave
-like one (the launcher passes them; ``orchestrator.churn`` checks them):
+like one (``orchestrator.checks`` checks them; the launcher, ``orchestrator.launch``,
+passes them on):
 
 * ``crash_phase`` (``"download"``, ``"train"`` or ``"upload"``) with
   ``crash_probability`` (drawn per round from ``(seed, round, node)``) and/or

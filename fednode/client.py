@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 
     from .churn import Churn
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: an upload echoes its task's ``upload_nonce`` (see :meth:`FederationClient.update_header`)."""
+NONCES_KEPT = 16
+"""Upload nonces of the most recent train tasks this client keeps (one per round)."""
 
 
 @dataclass
@@ -69,6 +72,41 @@ class Task:
     deadline_unix: float = 0.0
     train: Optional[dict] = None
     weights: Optional[torch.Tensor] = _TensorOnRead()  # type: ignore[assignment]
+    upload_nonce: str = ""
+    """The nonce the upload answering this task must echo (:meth:`FederationClient.update_header` does)."""
+
+
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "*", "")
+
+
+def _split_host(address: str) -> tuple[str, str]:
+    """``host:port`` -> (host, port); an IPv6 host keeps its brackets."""
+    host, sep, port = address.rpartition(":")
+    return (host, port) if sep else (address, "")
+
+
+def resolve_address(advertised: str, joined_on: str) -> str:
+    """The address to dial for a service the orchestrator advertised, given the orchestrator
+    address this node joined on (``--orchestrator``):
+
+    * ``""``: the orchestrator address itself (it listens on a wildcard address and has no
+      ``advertise_host``; the node keeps the address it reached it at);
+    * ``":PORT"`` or a wildcard host (``0.0.0.0:PORT``, ``[::]:PORT``; an older orchestrator
+      advertised its bind address): the orchestrator's host with that port;
+    * anything else as is.
+    """
+    if not advertised:
+        return joined_on
+    host, port = _split_host(advertised)
+    if host in _WILDCARDS and port:
+        return f"{_split_host(joined_on)[0]}:{port}"
+    return advertised
+
+
+def is_relative(advertised: str) -> bool:
+    """Whether :func:`resolve_address` needs the orchestrator address to resolve ``advertised``."""
+    host, port = _split_host(advertised)
+    return not advertised or (host in _WILDCARDS and bool(port))
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -85,6 +123,11 @@ class FederationClient:
         self.stub = pb_grpc.FederationStub(self.channel)
         self.session: Optional[Session] = None
         self._upload_stub = self.stub
+        self._upload_channel: Optional[grpc.Channel] = None
+        self.upload_address = address
+        """Where updates go: the orchestrator's advertised ingest address, resolved (``resolve_address``)."""
+        self._nonces: dict[tuple[int, int], str] = {}
+        """(round, model version) -> the upload nonce of the train task received for it (the latest few)."""
 
     def _channel(self, address: str) -> grpc.Channel:
         channel = grpc.insecure_channel(address, options=channel_options())
@@ -92,7 +135,13 @@ class FederationClient:
         return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
     def close(self) -> None:
+        self._close_upload_channel()
         self.channel.close()
+
+    def _close_upload_channel(self) -> None:
+        if self._upload_channel is not None:
+            self._upload_channel.close()
+            self._upload_channel = None
 
     def _session_pb(self) -> pb.Session:
         assert self.session is not None, "join first"
@@ -107,9 +156,16 @@ class FederationClient:
         self.session = Session(reply.node_id, reply.session_token, reply.lease_seconds,
                                Layout.from_json(reply.layout_json), reply.layout_hash, json.loads(reply.workload_json),
                                reply.ingest_address, reply.rejoined, reply.current_round)
-        if reply.ingest_address and reply.ingest_address != self.address:
-            self._upload_channel = self._channel(reply.ingest_address)
+        # '' (the orchestrator listens on a wildcard address, no advertise_host): keep the
+        # channel this node joined on; never dial a wildcard address (that is this machine)
+        ingest = resolve_address(reply.ingest_address, self.address)
+        if ingest == self.address:
+            self._upload_stub = self.stub
+        elif ingest != self.upload_address:  # (a re-join to the same ingest keeps its channel)
+            self._close_upload_channel()
+            self._upload_channel = self._channel(ingest)
             self._upload_stub = pb_grpc.FederationStub(self._upload_channel)
+        self.upload_address = ingest
         return self.session
 
     def heartbeat(self, timeout: float = 5.0, received_round: Optional[int] = None) -> pb.HeartbeatReply:
@@ -135,14 +191,33 @@ class FederationClient:
         if self.churn is not None:
             self.churn.crash_point("download", h.round)
         weights = codec.decode_array(h.weights, (m.data for m in stream), expected_bytes=self.session.layout.d * 4)
-        return Task("train", h.round, h.model_version, h.deadline_unix, json.loads(h.train_json), weights)
+        self.remember_nonce(h.round, h.model_version, h.upload_nonce)
+        return Task("train", h.round, h.model_version, h.deadline_unix, json.loads(h.train_json), weights,
+                    h.upload_nonce)
+
+    def remember_nonce(self, round_id: int, model_version: int, nonce: str) -> None:
+        """Keep the upload nonce of a train task (``get_task`` does) for :meth:`update_header`."""
+        self._nonces.pop((round_id, model_version), None)
+        self._nonces[(round_id, model_version)] = nonce
+        while len(self._nonces) > NONCES_KEPT:
+            del self._nonces[next(iter(self._nonces))]
+
+    def nonce_for(self, round_id: int, model_version: int) -> str:
+        """The nonce of the last train task received for (round, version); else for the round; else ''."""
+        nonce = self._nonces.get((round_id, model_version))
+        if nonce is None:
+            nonce = next((v for (r, _), v in reversed(list(self._nonces.items())) if r == round_id), "")
+        return nonce
 
     def update_header(self, round_id: int, model_version: int, delta_bytes: memoryview, num_samples: int,
                       **overrides) -> pb.UpdateHeader:
+        """The header of an upload for (``round_id``, ``model_version``): it echoes the upload
+        nonce of the task this client received for them (``upload_nonce=`` overrides it)."""
         assert self.session is not None
         h = pb.UpdateHeader(session=self._session_pb(), round=round_id, model_version=model_version,
                             layout_hash=self.session.layout_hash, num_samples=num_samples,
-                            tensor=codec.tensor_header(delta_bytes, (len(delta_bytes) // 4,)))
+                            tensor=codec.tensor_header(delta_bytes, (len(delta_bytes) // 4,)),
+                            upload_nonce=self.nonce_for(round_id, model_version))
         for key, value in overrides.items():  # used by tests and the malformed-upload attack
             if key in ("dtype", "num_bytes", "crc32"):
                 setattr(h.tensor, key, value)
@@ -151,6 +226,16 @@ class FederationClient:
             else:
                 setattr(h, key, value)
         return h
+
+    def _learn_nonce(self, round_id: int, model_version: int) -> None:
+        """An upload for a round whose task this client did not fetch (e.g. a benchmark that
+        only uploads): the heartbeat reply carries the nonce of the node's open sync task."""
+        try:
+            reply = self.heartbeat()
+        except grpc.RpcError:
+            return  # the upload itself reports what is wrong
+        if reply.upload_nonce and reply.current_round == round_id:
+            self.remember_nonce(round_id, model_version, reply.upload_nonce)
 
     def push_raw(self, header: pb.UpdateHeader, chunks: Iterable[bytes], timeout: float = 600.0) -> pb.PushUpdateReply:
         def messages() -> Iterator[pb.UpdateChunk]:
@@ -162,6 +247,8 @@ class FederationClient:
     def push_update(self, round_id: int, model_version: int, delta: torch.Tensor, num_samples: int,
                     timeout: float = 600.0, **overrides) -> pb.PushUpdateReply:
         buf = codec.tensor_bytes(delta)
+        if "upload_nonce" not in overrides and not self.nonce_for(round_id, model_version):
+            self._learn_nonce(round_id, model_version)
         header = self.update_header(round_id, model_version, buf, num_samples, **overrides)
         plan = self.churn.upload_plan(round_id, len(buf), self.chunk_bytes) if self.churn is not None else None
         if plan is not None:  # crash mid-upload: part of the stream goes out, then the process dies

@@ -1,9 +1,14 @@
 """The client process: join, heartbeat in the background, then loop over tasks.
 
 An idle node holds no model or dataset: both are loaded at its first task.
-When the orchestrator is briefly unreachable the node retries with exponential
-backoff; when its lease was lost it re-joins with the same credentials and gets
-its identity back.
+When the orchestrator is briefly unreachable the node retries with capped
+exponential back-off and jitter (:class:`Backoff`), logging once per outage (join,
+task polls) or once per round (uploads) rather than once per attempt; an upload is
+retried only for transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, a CANCELLED
+this node did not cause) and only until the round's deadline, a refusal never. A
+round is attempted once: after its upload was sent, refused or given up the node
+waits for the next round instead of training the same one again. When its lease
+was lost it re-joins with the same credentials and gets its identity back.
 
 Light idle nodes (cross-device): nothing on the idle path imports torch (join,
 heartbeats and task polls need only gRPC, protobuf and numpy: ~45 MB RSS
@@ -19,11 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import secrets
 import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -39,7 +44,42 @@ if TYPE_CHECKING:
 log = logging.getLogger("fednode")
 
 RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+"""Transient failures: the orchestrator (or the path to it) is down, not refusing."""
 REJOIN_CODES = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
+UPLOAD_GRACE_SECONDS = 1.0
+"""An upload attempt may run this long past the round's deadline (the orchestrator decides
+whether it still counts); a hung attempt is cut then."""
+MIN_ATTEMPT_SECONDS = 1.0
+EXIT_NAME_TAKEN = 3
+"""Exit status of a node whose name another holder of the federation token joined under first."""
+
+
+def name_taken(e: grpc.RpcError) -> bool:
+    """Whether a refused join says this node's name is held by a node with other credentials
+    (the orchestrator's ``byzfed-refusal: name-taken`` trailer; older ones: its message)."""
+    if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+        return False
+    meta = dict((k, v) for k, v in (e.trailing_metadata() or ()) if isinstance(v, str))
+    return meta.get("byzfed-refusal") == "name-taken" or "is taken by" in (e.details() or "")
+
+
+class Backoff:
+    """Capped exponential back-off with jitter: the n-th wait (n = 0, 1, ...) is drawn
+    uniformly from [c/2, c] with c = min(cap, base * 2**n), so nodes that lost the
+    orchestrator together do not come back in lockstep."""
+
+    def __init__(self, base: float, cap: float, rng: Optional[random.Random] = None) -> None:
+        self.base, self.cap = base, max(cap, base)
+        self.rng = rng or random.Random()
+        self.attempt = 0
+
+    def ceiling(self, n: int) -> float:
+        return min(self.cap, self.base * 2.0 ** min(n, 64))
+
+    def next(self) -> float:
+        c = self.ceiling(self.attempt)
+        self.attempt += 1
+        return self.rng.uniform(c / 2, c)
 
 
 @dataclass
@@ -50,8 +90,11 @@ class NodeConfig:
     secret: str = field(default_factory=lambda: secrets.token_hex(16))
     data_dir: Optional[str] = None
     threads: int = 1
+    min_backoff: float = 0.2
+    """First retry wait (seconds, before jitter); doubles per attempt up to ``max_backoff``."""
     max_backoff: float = 5.0
     give_up_after: float = 120.0
+    """Join and task polls: give up after the orchestrator was unreachable this long."""
     churn: str = ""
     """JSON of the role's self-inflicted churn (``fednode.churn.ChurnSpec``), '' for none."""
     train_slots: int = 0
@@ -73,34 +116,68 @@ class Node:
         self.slots = TrainSlots(config.slot_dir, config.train_slots) if config.train_slots > 0 else NoSlots()
         self.behaviour = behaviour  # Byzantine behaviour (attacks), None for an honest node
         self.stop = threading.Event()
+        self.exit_status = 0  # set to EXIT_NAME_TAKEN when the join finds its name held by another node
         self._need_rejoin = threading.Event()
         self.state: dict[str, Any] = {}  # local-algorithm state kept across rounds (FedDyn, FedSpeed)
         self._work = None  # (model, x, y, num_classes), loaded at the first task
         self.rounds_done = 0
+        self.attempted = (-1, -1)  # (round, model version) of the last upload sent, refused or given up
+        self.rng = random.Random()  # back-off jitter
 
     # ----- membership -----------------------------------------------------------
+    def _backoff(self) -> Backoff:
+        return Backoff(self.cfg.min_backoff, self.cfg.max_backoff, self.rng)
+
     def _retry(self, what: str, fn):
-        delay, first_failure = 0.2, None
+        """``fn()``, retried with back-off while the orchestrator is unreachable (at most
+        ``give_up_after`` seconds, then the error is raised); one warning when the outage
+        starts and one line when it ends, whatever the number of attempts. None when
+        the node is stopping."""
+        backoff, first_failure, failures = self._backoff(), None, 0
         while not self.stop.is_set():
             try:
-                return fn()
+                result = fn()
             except grpc.RpcError as e:
+                if self.stop.is_set():
+                    return None
                 if e.code() not in RETRY_CODES:
                     raise
-                first_failure = first_failure or time.monotonic()
-                if time.monotonic() - first_failure > self.cfg.give_up_after:
+                failures += 1
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    log.warning("%s: %s: orchestrator unreachable (%s: %s); retrying with back-off (at most %.1fs "
+                                "apart) for up to %.0fs", self.cfg.name, what, e.code().name, e.details(),
+                                self.cfg.max_backoff, self.cfg.give_up_after)
+                elif now - first_failure > self.cfg.give_up_after:
+                    log.error("%s: %s: orchestrator still unreachable after %.0fs (%d attempts, %s); giving up",
+                              self.cfg.name, what, now - first_failure, failures, e.code().name)
                     raise
-                log.warning("%s: orchestrator unreachable (%s); retrying in %.1fs", what, e.code().name, delay)
-                self.stop.wait(delay)
-                delay = min(self.cfg.max_backoff, delay * 2)
+                self.stop.wait(backoff.next())
+                continue
+            if first_failure is not None:
+                log.info("%s: %s: orchestrator reachable again after %.1fs (%d failed attempts)", self.cfg.name,
+                         what, time.monotonic() - first_failure, failures)
+            return result
         return None
 
     def join(self) -> None:
-        s = self._retry("join", lambda: self.client.join(self.cfg.name, self.cfg.secret, self.cfg.federation_token))
+        try:
+            s = self._retry("join", lambda: self.client.join(self.cfg.name, self.cfg.secret, self.cfg.federation_token))
+        except grpc.RpcError as e:
+            if not name_taken(e):
+                raise
+            log.error("%s: node name %r is taken by another holder of the federation token (a node with other "
+                      "credentials joined under it first); not joining, exiting with status %d", self.cfg.name,
+                      self.cfg.name, EXIT_NAME_TAKEN)
+            self.exit_status = EXIT_NAME_TAKEN
+            self.stop.set()
+            return
         if s is not None:
             self._need_rejoin.clear()
-            log.info("%s %s as %s (round %d)", self.cfg.name, "re-joined" if s.rejoined else "joined", s.node_id,
-                     s.current_round)
+            log.info("%s %s as %s (round %d); uploads to %s (advertised %r)", self.cfg.name,
+                     "re-joined" if s.rejoined else "joined", s.node_id, s.current_round, self.client.upload_address,
+                     s.ingest_address)
 
     def _heartbeat_loop(self) -> None:
         while not self.stop.wait(max(0.2, self.client.session.lease_seconds / 3)):
@@ -147,7 +224,7 @@ class Node:
 
     def _train(self, task: Task, data: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, int, float]:
         """The compute of :meth:`train` (the caller holds a slot): ``(delta, samples, seconds)``."""
-        import torch
+        from proto.seeding import generator
 
         from .training import TrainConfig, train_local
 
@@ -160,7 +237,7 @@ class Node:
         t = dict(task.train)
         seed, round_id = t.pop("seed"), t.pop("round")
         t.pop("num_selected", None)  # round facts, not hyper-parameters
-        g = torch.Generator().manual_seed((seed * 1_000_003 + round_id * 7_919 + zlib.crc32(self.cfg.name.encode())) % (2**63))
+        g = generator(seed, "train", round_id, self.cfg.name)
         cfg = TrainConfig(**t)
         delta = train_local(model, self.client.session.layout, task.weights, x, y, cfg, g, self.state, num_classes)
         if self.churn is not None:
@@ -177,7 +254,7 @@ class Node:
                 self._warm_up()
         self.join()
         if self.client.session is None:
-            return 1
+            return self.exit_status or 1
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         try:
             while not self.stop.is_set():
@@ -196,7 +273,9 @@ class Node:
                     break  # the scenario's leave_at_round: leave (finally) and exit
                 if task.kind == "wait":
                     continue
-                if task.round <= self.cfg.after_round:  # done before this process was re-executed
+                if task.round <= self.cfg.after_round or (task.round, task.model_version) <= self.attempted:
+                    # done before this process was re-executed, or its upload was sent, refused or
+                    # given up: one attempt per round; poll gently until the round closes
                     self.stop.wait(min(1.0, max(0.05, task.deadline_unix - time.time())))
                     continue
                 self._acknowledge(task)
@@ -208,7 +287,7 @@ class Node:
             self.stop.set()
             self._leave()
             self.client.close()
-        return 0
+        return self.exit_status
 
     def _acknowledge(self, task: Task) -> None:
         """Tell the orchestrator the whole task arrived (so a loss from now on counts as
@@ -233,17 +312,58 @@ class Node:
         self._straggle(seconds)
         self.upload(task, delta, n)
 
+    def _transient(self, code: grpc.StatusCode) -> bool:
+        """An upload failure worth retrying: the orchestrator or the path to it failed, it did
+        not refuse. CANCELLED counts only when this node is not stopping (its own cancel)."""
+        if code == grpc.StatusCode.CANCELLED:
+            return not self.stop.is_set()
+        return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
     def upload(self, task: Task, delta: torch.Tensor, num_samples: int, **overrides) -> bool:
-        try:
-            self.client.push_update(task.round, task.model_version, delta, num_samples, **overrides)
+        """Send the round's update. Transient failures are retried with back-off until the
+        round's deadline (``task.deadline_unix``); refusals are not. Logs one warning when
+        the round's upload starts failing and one line with the outcome."""
+        name, r = self.cfg.name, task.round
+        deadline = task.deadline_unix if task.deadline_unix > 0 else time.time() + self.cfg.give_up_after
+        backoff, attempts, started = self._backoff(), 0, time.monotonic()
+        while True:
+            attempts += 1
+            timeout = min(600.0, max(MIN_ATTEMPT_SECONDS, deadline - time.time() + UPLOAD_GRACE_SECONDS))
+            try:
+                self.client.push_update(r, task.model_version, delta, num_samples, timeout=timeout, **overrides)
+            except grpc.RpcError as e:
+                code = e.code()
+                if not self._transient(code):
+                    log.warning("%s: round %d update refused: %s %s%s", name, r, code.name, e.details(),
+                                f" (attempt {attempts})" if attempts > 1 else "")
+                    if code in REJOIN_CODES:
+                        self._need_rejoin.set()  # re-join and take the round's task again
+                    else:
+                        self.attempted = max(self.attempted, (r, task.model_version))
+                    return False
+                wait = backoff.next()
+                left = deadline - time.time()
+                if self.stop.is_set() or wait >= left:  # no time for another attempt in this round
+                    log.warning("%s: round %d: giving up the upload to %s %s after %d attempts in %.1fs (last %s: %s)",
+                                name, r, self.client.upload_address,
+                                "(stopping)" if self.stop.is_set() else "at the round's deadline", attempts,
+                                time.monotonic() - started, code.name, e.details())
+                    self.attempted = max(self.attempted, (r, task.model_version))
+                    return False
+                if attempts == 1:
+                    log.warning("%s: round %d: upload failed, orchestrator unreachable at %s (%s: %s); retrying with "
+                                "back-off until the round's deadline (%.1fs left)", name, r,
+                                self.client.upload_address, code.name, e.details(), left)
+                self.stop.wait(wait)
+                continue
             self.rounds_done += 1
-            log.info("%s: round %d update sent", self.cfg.name, task.round)
+            self.attempted = max(self.attempted, (r, task.model_version))
+            if attempts == 1:
+                log.info("%s: round %d update sent", name, r)
+            else:
+                log.info("%s: round %d update sent (attempt %d, after %.1fs of retries)", name, r, attempts,
+                         time.monotonic() - started)
             return True
-        except grpc.RpcError as e:
-            log.warning("%s: round %d update refused: %s %s", self.cfg.name, task.round, e.code().name, e.details())
-            if e.code() in REJOIN_CODES:
-                self._need_rejoin.set()
-            return False
 
     def _leave(self) -> None:
         try:

@@ -40,16 +40,10 @@ import torch
 from proto.layout import Layout
 
 from .config import TrainConfig
+from .strategies import build_strategy
+from .strategies.base import batches
 
 __all__ = ["TrainConfig", "batches", "train_local"]
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """One epoch of shuffled mini-batches."""
-    order = torch.randperm(len(y), generator=generator)
-    for start in range(0, len(y), batch_size):
-        idx = order[start:start + batch_size]
-        yield x[idx], y[idx]
 
 
 def train_local(model: torch.nn.Module, layout: Layout, global_vec: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -60,7 +54,5 @@ def train_local(model: torch.nn.Module, layout: Layout, global_vec: torch.Tensor
     ``state`` is the node's persistent per-algorithm state (kept across rounds by
     the node, e.g. FedDyn's ``h``); see the module docstring. Raises
     ``ValueError`` for an unknown algorithm or parameter."""
-    from fednode.strategies import build_strategy  # the strategies import ``batches`` from here
-
     strategy = build_strategy(config.algorithm, config.params)
     return strategy.train(model, layout, global_vec, x, y, config, generator, state, num_classes)

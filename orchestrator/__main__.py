@@ -30,6 +30,11 @@ def main(argv=None) -> int:
         if name == "serve":
             sp.add_argument("--host", default=None, help="listen address (default: federation.host)")
             sp.add_argument("--port", type=int, default=None, help="listen port (default: federation.port)")
+            sp.add_argument("--advertise-host", default=None,
+                            help="host or IP that nodes on other machines reach this orchestrator at, handed to "
+                                 "them for uploads and the Byzantine services (default: "
+                                 "federation.advertise_host; with --host 0.0.0.0 and none, nodes keep the "
+                                 "address they joined on)")
             sp.add_argument("--token", default=os.environ.get("BYZFED_TOKEN"),
                             help="federation token nodes must present (default: $BYZFED_TOKEN or random)")
     sub.add_parser("defenses", help="list the registered defenses")
@@ -47,6 +52,8 @@ def main(argv=None) -> int:
             overrides.append(f"federation.host={args.host!r}".replace("'", '"'))
         if args.port is not None:
             overrides.append(f"federation.port={args.port}")
+        if args.advertise_host is not None:
+            overrides.append(f"federation.advertise_host={args.advertise_host!r}".replace("'", '"'))
     try:
         scenario = load(args.scenario, overrides)
         from .defenses import build_defense

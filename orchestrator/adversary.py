@@ -16,31 +16,33 @@
   flag the service is not registered at all, and the scenario check refuses any
   role whose knowledge is ``omniscient`` (its node would refuse to start anyway).
 
-``check_roles`` validates the Byzantine roles of a scenario (attack names and
-parameters, schedules, knowledge) when the scenario is loaded.
+``check_roles`` (defined in :mod:`orchestrator.checks`, which imports neither gRPC
+nor process control, and re-exported here) validates the Byzantine roles of a
+scenario (attack names and parameters, schedules, knowledge) when it is loaded.
 """
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import grpc
 import torch
 
-from attacks import KNOWLEDGE_LEVELS, build_attack, build_schedule
 from attacks.collusion import CollusionServer
 from proto import codec
 from proto.byzfed.v1 import adversary_pb2 as apb
 from proto.byzfed.v1 import adversary_pb2_grpc as apb_grpc
 
+from .addresses import advertised_address
+from .checks import _attack_classes, _is_loopback, check_roles, effective_knowledge  # noqa: F401 (re-exported)
 from .errors import Refusal
 
 if TYPE_CHECKING:
@@ -52,72 +54,18 @@ log = logging.getLogger("orchestrator.adversary")
 WARNING = "SIMULATION-ONLY omniscient adversary view enabled"
 
 
-# --------------------------------------------------------------------------- scenario checks
-
-def effective_knowledge(role: "RoleSection") -> str:
-    """What the role's attack may read: its ``knowledge`` key, else what the attack needs."""
-    if not role.byzantine or not role.attack:
-        return "nothing"
-    if role.knowledge:
-        return role.knowledge
-    _, attack_cls = _attack_classes(role.attack)
-    return attack_cls.needs
-
-
-def _attack_classes(name: str):
-    from attacks import ATTACKS
-    return ATTACKS[name]
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_roles(s: "Scenario", need: Callable[[bool, str, str], None]) -> None:
-    """Byzantine roles: attack and schedule build, knowledge is known and enough for
-    the attack, and an omniscient role has the (loopback-only) adversary view."""
-    adv = s.adversary
-    need(adv.view_timeout > 0, "adversary.view_timeout", "must be > 0 seconds")
-    need(adv.collusion_timeout > 0, "adversary.collusion_timeout", "must be > 0 seconds")
-    if adv.omniscient:
-        need(adv.view_timeout < s.federation.round_timeout, "adversary.view_timeout",
-             "must be shorter than federation.round_timeout")
-        need(_is_loopback(s.federation.host) or adv.allow_non_loopback, "adversary.omniscient",
-             f"is simulation-only and federation.host = {s.federation.host!r} is not a loopback address; "
-             "set adversary.allow_non_loopback = true if you really mean it")
-    for i, r in enumerate(s.roles):
-        key = f"roles[{i}]"
-        need(r.byzantine or not (r.schedule or r.knowledge or r.attack_params), key,
-             "has schedule/knowledge/attack_params but byzantine = false")
-        if not r.byzantine or not r.attack:
-            continue
-        try:
-            attack = build_attack(r.attack, r.attack_params)
-        except ValueError as exc:
-            need(False, f"{key}.attack", str(exc))
-        try:
-            build_schedule(r.schedule)
-        except (TypeError, ValueError) as exc:
-            need(False, f"{key}.schedule", str(exc))
-        need(r.knowledge in ("",) + KNOWLEDGE_LEVELS, f"{key}.knowledge",
-             f"= {r.knowledge!r} is not allowed; allowed values: '', {', '.join(map(repr, KNOWLEDGE_LEVELS))}")
-        if r.knowledge:
-            need(KNOWLEDGE_LEVELS.index(r.knowledge) >= KNOWLEDGE_LEVELS.index(attack.needs), f"{key}.knowledge",
-                 f"= {r.knowledge!r} is less than attack {r.attack!r} needs ({attack.needs!r})")
-        need(effective_knowledge(r) != "omniscient" or adv.omniscient, f"{key}.attack",
-             f"{r.attack!r} with knowledge 'omniscient' needs the adversary view: set [adversary] omniscient = true "
-             "(simulation only)")
-
-
 # --------------------------------------------------------------------------- omniscient view
 
 class AdversaryViewServicer(apb_grpc.AdversaryServicer):
-    """SIMULATION ONLY: serves the open round's honest uploads to Byzantine nodes."""
+    """SIMULATION ONLY: serves the open round's honest uploads to Byzantine nodes.
+
+    On the orchestrator's ``grpc.aio`` server the view is :meth:`GetHonestUpdatesAsync`
+    (raw request bytes parsed here, a waiting call holds no thread, at most
+    ``VIEWS_PER_NODE`` open calls per node, a stream not read for ``view_timeout`` is
+    cut); :meth:`GetHonestUpdates` serves a threaded ``grpc.server`` (unit tests)."""
+
+    VIEWS_PER_NODE = 2
+    MAX_REQUEST_BYTES = 4 << 10
 
     def __init__(self, coord: "Coordinator", token: str, view_timeout: float,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> None:
@@ -127,6 +75,7 @@ class AdversaryViewServicer(apb_grpc.AdversaryServicer):
         self.chunk_bytes = chunk_bytes
         self._lock = threading.Lock()
         self.served: dict[int, list[tuple[str, int, int]]] = {}  # round -> (node, rows, expected)
+        self._open: dict[str, int] = {}  # node -> open async calls
 
     def _honest_state(self, round_id: int):
         """The open round ``round_id``, its honest uploads and the honest nodes still expected."""
@@ -144,43 +93,112 @@ class AdversaryViewServicer(apb_grpc.AdversaryServicer):
         waiting = {nid for nid in honest if nid not in uploads and c.membership.is_alive(nid)}
         return rnd, have, waiting
 
-    def GetHonestUpdates(self, request: apb.GetHonestUpdatesRequest, context):
+    def _admit(self, request: apb.GetHonestUpdatesRequest):
+        """The Byzantine member asking, and how long it may wait; else ``(code, message)``."""
         c = self.coord
         if not hmac.compare_digest(request.adversary_token.encode(), self.token.encode()):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "adversary view token is wrong")
+            return None, (grpc.StatusCode.UNAUTHENTICATED, "adversary view token is wrong")
+        if not (math.isfinite(request.wait_seconds) and request.wait_seconds >= 0):
+            return None, (grpc.StatusCode.INVALID_ARGUMENT,
+                          f"wait_seconds must be a finite number >= 0 (0: the view's timeout), got {request.wait_seconds!r}")
         try:
             member = c.membership.authenticate(request.session.node_id, request.session.session_token)
         except Refusal as r:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, r.message)
+            return None, (grpc.StatusCode.UNAUTHENTICATED, r.message)
         if member.name not in c.byzantine_names:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+            return None, (grpc.StatusCode.PERMISSION_DENIED,
                           f"node {member.name!r} is not Byzantine in scenario {c.s.name!r}")
         wait = min(request.wait_seconds if request.wait_seconds > 0 else self.view_timeout, self.view_timeout)
-        end = time.monotonic() + wait
-        while True:
-            rnd, have, waiting = self._honest_state(request.round)
-            if rnd is None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"round {request.round} is not open; the view serves only the open round")
-            if not waiting or time.monotonic() >= end or c.shutdown.is_set() or not context.is_active():
-                break
-            time.sleep(0.05)
+        return (member, wait), None
+
+    def _check(self, request, end: float):
+        """``(done, refusal, have, waiting)`` for one look at the round."""
+        rnd, have, waiting = self._honest_state(request.round)
+        if rnd is None:
+            return True, (grpc.StatusCode.FAILED_PRECONDITION,
+                          f"round {request.round} is not open; the view serves only the open round"), have, waiting
+        return (not waiting or time.monotonic() >= end or self.coord.shutdown.is_set()), None, have, waiting
+
+    def _record(self, request, member, have, waiting) -> int:
         expected = len(have) + len(waiting)
         with self._lock:
             self.served.setdefault(request.round, []).append((member.name, len(have), expected))
         log.info("adversary view: round %d: %d of %d honest updates served to %s", request.round, len(have),
-                    expected, member.name)
+                 expected, member.name)
+        return expected
+
+    def _reply(self, request, have, expected: int) -> list:
+        """The header chunk and the rows' bytes (``have``: the honest uploads to serve)."""
         if not have:
-            yield apb.HonestUpdatesChunk(header=apb.HonestUpdatesHeader(round=request.round, rows=0,
-                                                                        expected=expected))
-            return
-        rows = torch.stack([u.delta for _, u in have]).to("cpu", torch.float32).contiguous()
+            return [apb.HonestUpdatesChunk(header=apb.HonestUpdatesHeader(round=request.round, rows=0,
+                                                                           expected=expected))]
+        rows = torch.stack([self.coord.store.row(nid) for nid, _ in have]).to("cpu", torch.float32).contiguous()
         buf = codec.tensor_bytes(rows)
-        yield apb.HonestUpdatesChunk(header=apb.HonestUpdatesHeader(
+        out = [apb.HonestUpdatesChunk(header=apb.HonestUpdatesHeader(
             round=request.round, rows=rows.shape[0], expected=expected,
-            tensor=codec.tensor_header(buf, tuple(rows.shape))))
-        for chunk in codec.iter_chunks(buf, self.chunk_bytes):
-            yield apb.HonestUpdatesChunk(data=chunk)
+            tensor=codec.tensor_header(buf, tuple(rows.shape))))]
+        out += [apb.HonestUpdatesChunk(data=chunk) for chunk in codec.iter_chunks(buf, self.chunk_bytes)]
+        return out
+
+    def GetHonestUpdates(self, request: apb.GetHonestUpdatesRequest, context):
+        admitted, refusal = self._admit(request)
+        if refusal is not None:
+            context.abort(*refusal)
+        member, wait = admitted
+        end = time.monotonic() + wait
+        while True:
+            done, refusal, have, waiting = self._check(request, end)
+            if refusal is not None:
+                context.abort(*refusal)
+            if done or not context.is_active():
+                break
+            time.sleep(0.05)
+        expected = self._record(request, member, have, waiting)
+        yield from self._reply(request, have, expected)
+
+    async def GetHonestUpdatesAsync(self, raw: bytes, context) -> None:
+        import asyncio
+
+        from google.protobuf.message import DecodeError
+
+        if len(raw) > self.MAX_REQUEST_BYTES:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"GetHonestUpdatesRequest of {len(raw)} bytes "
+                                f"is over the limit of {self.MAX_REQUEST_BYTES} bytes")
+        try:
+            request = apb.GetHonestUpdatesRequest.FromString(raw)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed GetHonestUpdatesRequest: not a valid "
+                                "protobuf message (a corrupt field, or a string field that is not UTF-8)")
+        admitted, refusal = self._admit(request)
+        if refusal is not None:
+            await context.abort(*refusal)
+        member, wait = admitted
+        node = member.node_id
+        if self._open.get(node, 0) >= self.VIEWS_PER_NODE:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node {node} already has {self._open[node]} "
+                                f"adversary-view calls open (limit {self.VIEWS_PER_NODE} per node)")
+        self._open[node] = self._open.get(node, 0) + 1
+        try:
+            end = time.monotonic() + wait
+            while True:
+                done, refusal, have, waiting = self._check(request, end)
+                if refusal is not None:
+                    await context.abort(*refusal)
+                if done:
+                    break
+                await asyncio.sleep(0.05)
+            expected = self._record(request, member, have, waiting)
+            chunks = await asyncio.get_running_loop().run_in_executor(None, self._reply, request, have, expected)
+            for chunk in chunks:
+                try:
+                    await asyncio.wait_for(context.write(chunk), self.view_timeout)
+                except asyncio.TimeoutError:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the view's stream was not read for "
+                                        f"{self.view_timeout:g} s; cut")
+        finally:
+            self._open[node] -= 1
+            if not self._open[node]:
+                del self._open[node]
 
 
 def warn_loudly(text: str) -> None:
@@ -190,13 +208,20 @@ def warn_loudly(text: str) -> None:
     log.warning(text)
 
 
-def add_adversary_view(server: grpc.Server, coord: "Coordinator") -> Optional[AdversaryViewServicer]:
-    """Register the omniscient view on ``server`` iff the scenario enables it; else None."""
+def add_adversary_view(server, coord: "Coordinator") -> Optional[AdversaryViewServicer]:
+    """Register the omniscient view on ``server`` (a ``grpc.aio.Server``, or a threaded
+    ``grpc.Server``) iff the scenario enables it; else None."""
     adv = coord.s.adversary
     if not adv.omniscient:
         return None
     view = AdversaryViewServicer(coord, secrets.token_hex(16), adv.view_timeout)
-    apb_grpc.add_AdversaryServicer_to_server(view, server)
+    if isinstance(server, grpc.aio.Server):
+        service = apb.DESCRIPTOR.services_by_name["Adversary"].full_name
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {
+            "GetHonestUpdates": grpc.unary_stream_rpc_method_handler(
+                view.GetHonestUpdatesAsync, response_serializer=apb.HonestUpdatesChunk.SerializeToString)}),))
+    else:
+        apb_grpc.add_AdversaryServicer_to_server(view, server)
     warn_loudly(f"{WARNING}: Byzantine nodes of scenario {coord.s.name!r} can read every honest update of each "
                 "round. Never enable [adversary] omniscient in a deployment.")
     return view
@@ -226,9 +251,16 @@ class ByzantineSupport:
         self.group = sorted(name for name, role in s.node_roles() if role.byzantine)
         self.collusion: Optional[CollusionServer] = None
         self._collusion_token = secrets.token_hex(16)
+        self.collusion_address = ""
+        """What Byzantine nodes are told to dial (``servicer.advertised_address``; ':PORT' when
+        it listens on a wildcard address with no advertise host: the host of the node's orchestrator)."""
         if self.group and wants_collusion(s):
-            self.collusion = CollusionServer(self.group, self._collusion_token, host or s.federation.host, 0)
-            log.info("collusion service for %d Byzantine nodes on %s", len(self.group), self.collusion.address)
+            bind = host or s.federation.host
+            self.collusion = CollusionServer(self.group, self._collusion_token, bind, 0)
+            port = int(self.collusion.address.rsplit(":", 1)[1])
+            self.collusion_address = advertised_address(bind, port, s.federation.advertise_host) or f":{port}"
+            log.info("collusion service for %d Byzantine nodes on %s (nodes dial %s)", len(self.group),
+                     self.collusion.address, self.collusion_address)
 
     @property
     def view(self) -> Optional[AdversaryViewServicer]:
@@ -239,9 +271,10 @@ class ByzantineSupport:
             return {}
         out: dict[str, Any] = {"role": role.name, "f": len(self.group)}
         if self.collusion is not None:
-            out["collusion"] = {"address": self.collusion.address, "token": self._collusion_token,
+            out["collusion"] = {"address": self.collusion_address, "token": self._collusion_token,
                                 "timeout": self.s.adversary.collusion_timeout}
         if role.attack and effective_knowledge(role) == "omniscient" and self.view is not None:
+            # the view is on the orchestrator's server: its advertised address ('' = the one the node joined on)
             out["adversary"] = {"address": self.coord.ingest_address, "token": self.view.token,
                                 "timeout": self.s.adversary.view_timeout}
         if role.attack and _attack_classes(role.attack)[1].needs_defense:
@@ -251,9 +284,12 @@ class ByzantineSupport:
     def describe(self) -> list[str]:
         lines = []
         if self.collusion is not None:
-            lines.append(f"collusion service for {len(self.group)} Byzantine nodes on {self.collusion.address}")
+            dial = self.collusion_address
+            dial = f"port {dial[1:]} of the host they reach the orchestrator at" if dial.startswith(":") else dial
+            lines.append(f"collusion service for {len(self.group)} Byzantine nodes on {self.collusion.address}"
+                         + (f" (nodes dial {dial})" if dial != self.collusion.address else ""))
         if self.view is not None:
-            lines.append(f"[bold red]{WARNING}[/] on {self.coord.ingest_address}")
+            lines.append(f"[bold red]{WARNING}[/] on {self.coord.ingest_address or 'the orchestrator address'}")
         return lines
 
     def write(self, run_dir: Path) -> None:

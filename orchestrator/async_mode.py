@@ -30,23 +30,29 @@ with the reason, like a synchronous round. A node lost while it held a task
 (lease expired or left) counts as dropped in the phase it was in: ``download``
 (task not confirmed), ``train`` (no upload started), ``upload`` (stream broken).
 
-The keeper has the round keeper's interface, so the gRPC servicer serves both
-modes unchanged; it imports neither gRPC nor ``torch.distributed``.
+Each ticket a node is served carries a random nonce bound to the ticket's
+model version; the upload must echo it (the node's latest ticket only) and it is
+used up when the update is accepted, so a captured upload re-sent later (with
+its version rewritten, under the same session token) is refused
+(``permission_denied``).
+
+The keeper has the round ledger's interface, so the gRPC servicer and the
+ingest path serve both modes unchanged; like the ledger it is bookkeeping only
+(the rows live in the row store's pool) and imports neither gRPC nor
+``torch.distributed``. The loop that drives it is ``drivers.AsyncRounds``.
 """
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .errors import Refusal
-from .rounds import Upload, quorum_count
-
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
+from .rounds import Upload, check_nonce, quorum_count
 
 
 @dataclass
@@ -58,6 +64,10 @@ class Ticket:
     num_selected: int  # B: the number of updates aggregated together (attacks' n)
     deadline: float
     payload: bytes = b""  # the weights of ``model_version`` (tasks only)
+    nonce: str = ""  # tasks only: the upload answering this ticket echoes it
+
+    def nonce_of(self, node_id: str) -> str:
+        return self.nonce
 
 
 @dataclass
@@ -93,6 +103,7 @@ class AsyncKeeper:
         self.buffer: list[Buffered] = []
         self.in_flight: dict[str, int] = {}  # node -> base version of its open upload stream
         self.holding: dict[str, str] = {}  # node -> phase, for nodes that hold a task and have not returned it
+        self.nonces: dict[str, tuple[str, int]] = {}  # node -> (nonce, model version) of its latest ticket
         self.refused: dict[str, int] = {}
         self.tasks_served = 0
         self.current = None  # no open "round" (the adversary view and live progress look here)
@@ -131,6 +142,8 @@ class AsyncKeeper:
                 if t is not None:
                     self.tasks_served += 1
                     self.holding[node_id] = "download"
+                    t.nonce = secrets.token_hex(16)
+                    self.nonces[node_id] = (t.nonce, t.model_version)  # the node's latest ticket only
                     return t
                 if left <= 0:
                     return None
@@ -155,9 +168,11 @@ class AsyncKeeper:
         with self._cond:
             self.refused[reason] = self.refused.get(reason, 0) + 1
 
-    def begin_upload(self, node_id: str, round_id: int, model_version: int) -> Ticket:
+    def begin_upload(self, node_id: str, round_id: int, model_version: int, nonce: Optional[str] = None) -> Ticket:
         """Check an upload's header (staleness, one update per node in the buffer); reserve it.
-        ``round_id`` is informational in async mode: the base version decides."""
+        ``round_id`` is informational in async mode: the base version decides. ``nonce``: the
+        header's ``upload_nonce``, which must be that of the node's latest ticket, for this
+        version (``None`` skips the check: in-process callers that hold no ticket)."""
         with self._cond:
             if self.closed:
                 raise Refusal("stale", "the run is over: no more updates are aggregated")
@@ -168,6 +183,14 @@ class AsyncKeeper:
             if not self._idle(node_id):
                 raise Refusal("duplicate", f"node {node_id} already has an update in flight or in the buffer "
                                            f"of step {self.step}")
+            if nonce is not None:
+                issued, version = self.nonces.get(node_id, ("", -1))
+                task = f"the latest task sent to node {node_id}"
+                check_nonce(nonce, issued, task + " (none is outstanding: its nonce was used or never issued)"
+                            if not issued else task)
+                if version != model_version:
+                    raise Refusal("permission_denied", f"upload_nonce belongs to {task}, which trains model version "
+                                                       f"{version}, not {model_version}: a replayed or forged upload")
             self.in_flight[node_id] = model_version
             self.holding[node_id] = "upload"
             return Ticket(self.step, model_version, self.buffer_size, self._clock() + self.task_seconds)
@@ -186,6 +209,9 @@ class AsyncKeeper:
                 else self._stale(ticket.model_version)
             if refusal is not None:
                 raise refusal  # the servicer counts it
+            issued = self.nonces.get(upload.node_id)
+            if issued is not None and issued[1] == ticket.model_version:
+                del self.nonces[upload.node_id]  # used up: the same upload re-sent later is refused
             self.buffer.append(Buffered(upload, ticket.model_version))
             self._cond.notify_all()
 
@@ -231,37 +257,3 @@ class AsyncKeeper:
 
     def drain_late(self) -> int:
         return 0  # async uploads have no round to be late for; stale ones are in ``refused``
-
-
-class AsyncRounds:
-    """Drives one aggregation step per call (the async counterpart of ``Coordinator._one_round``)."""
-
-    def __init__(self, coord: "Coordinator") -> None:
-        self.c = coord
-        self.keeper: AsyncKeeper = coord.keeper
-        self.keeper.publish(coord.round_id, coord.model_version, coord.weights_payload(coord.model_version))
-
-    def step(self) -> None:
-        c, fed = self.c, self.c.s.federation
-        r_id = c.round_id
-        c._await_joiners(r_id)
-        t0 = time.monotonic()
-        taken, outcome, facts = self.keeper.wait_buffer(fed.round_timeout, fed.quorum, c.shutdown,
-                                                        c.membership.is_alive)
-        row = c._membership_row(r_id)
-        row.update(mode="async", outcome=outcome, reported=len(taken), selected=len(taken),
-                   buffer_size=fed.buffer_size, refused=facts["refused"], tasks_served=facts["tasks_served"],
-                   dropped=facts["dropped"], buffered_after=facts["buffered_after"],
-                   t_collect=round(time.monotonic() - t0, 4))
-        if not taken:
-            c._finish_row(row)
-            return
-        staleness = [b.staleness for b in taken]
-        weights = staleness_weights(staleness, fed.staleness_weighting, fed.staleness_exponent)
-        row.update(staleness=staleness, staleness_mean=round(sum(staleness) / len(staleness), 4),
-                   staleness_max=max(staleness), staleness_weights=[round(float(w), 4) for w in weights])
-        uploads = [b.upload for b in taken]
-        row["selected_nodes"] = sorted(c._name(u.node_id) for u in uploads)
-        row["byzantine_selected"] = sum(1 for n in row["selected_nodes"] if n in c.byzantine_names)
-        c._aggregate(uploads, row, r_id, scale=weights)
-        self.keeper.publish(c.round_id + 1, c.model_version, c.weights_payload(c.model_version))

@@ -1,9 +1,12 @@
 """The aggregation group: the one module that owns ``torch.distributed``.
 
 Each ingest rank holds the rows it received; ``gather_rows`` gives every rank the
-whole ``[n, d]`` matrix with ``all_gather_into_tensor`` (NCCL on CUDA, gloo on
-CPU — gloo's path is ``all_gather`` of equal-sized padded blocks). With one rank
-there is no process group and nothing to gather.
+whole ``[n, d]`` matrix: first an ``all_gather_into_tensor`` of the per-rank row
+counts, then one ``all_gather_into_tensor`` of equal-sized blocks padded to the
+largest count (NCCL on CUDA, gloo on CPU: the same two calls on either
+backend), from which the padding is dropped. With one rank there is no process
+group and nothing to gather. The orchestrator runs one rank today
+(``aggregation.ranks = 1``); the multi-rank group is the next step of the design.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ REASONS = {
     "too_large",         # more bytes than declared / allowed
     "not_found",         # unknown node
     "unavailable",       # the orchestrator is shutting down
+    "broken_stream",     # the client cut its upload stream (died or cancelled)
 }
 
 

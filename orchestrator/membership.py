@@ -3,11 +3,21 @@
 A node is identified by its operator-chosen name and proves re-joins with a
 secret of its own; a re-join with the same credentials is idempotent (same node
 id, same session token, fresh lease), with other credentials it is refused.
+
+The federation token is checked before anything else of a join is looked at
+(:meth:`Membership.check_token`). A join under a name that another holder of the
+federation token already holds (other node secret) is refused with
+:class:`NameTaken`; each such conflict is counted (:attr:`Membership.name_conflicts`)
+and logged as a warning naming the node (once per name per minute). Enrolled
+identities (a per-node credential issued ahead of time) are not built yet: until
+then any holder of the federation token can claim a roster name that has not
+joined yet, and the real node is told so and exits (``fednode.node``).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -15,6 +25,27 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import Refusal
+
+log = logging.getLogger("orchestrator.membership")
+
+NAME_TAKEN = "name-taken"
+"""The ``byzfed-refusal`` trailing metadata value the servicer attaches to a :class:`NameTaken`."""
+CONFLICT_LOG_SECONDS = 60.0
+
+
+class NameTaken(Refusal):
+    """A join under a roster name that another holder of the federation token holds
+    (other node secret): ``unauthenticated``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__("unauthenticated", f"node name {_echo(name)} is taken by another holder of the federation "
+                                            "token: a node with other credentials joined under it")
+        self.name = name
+
+
+def _echo(text: str, n: int = 40) -> str:
+    """``repr`` of at most ``n`` characters of untrusted ``text`` (never echo unbounded input)."""
+    return repr(text) if len(text) <= n else f"{text[:n]!r}... ({len(text)} chars)"
 
 
 @dataclass
@@ -44,18 +75,25 @@ class Membership:
         self._by_name: dict[str, Member] = {}
         self._by_id: dict[str, Member] = {}
         self.events: list[tuple[str, str]] = []  # (event, node_id) since last drain
+        self.name_conflicts: dict[str, int] = {}  # name -> joins refused because another node holds the name
+        self._conflict_logged: dict[str, float] = {}
+
+    def check_token(self, federation_token: str) -> None:
+        """Refuse a wrong federation token (``unauthenticated``), whatever else the join says."""
+        if not hmac.compare_digest(federation_token.encode(), self._federation_token.encode()):
+            raise Refusal("unauthenticated", "federation token is wrong")
 
     def join(self, name: str, secret: str, federation_token: str, num_samples: int, current_round: int,
              info: dict | None = None) -> tuple[Member, bool]:
-        if not hmac.compare_digest(federation_token.encode(), self._federation_token.encode()):
-            raise Refusal("unauthenticated", "federation token is wrong")
+        self.check_token(federation_token)
         if not name or len(name) > 128 or not secret:
             raise Refusal("invalid", "node name (1-128 chars) and node secret are required")
         with self._lock:
             member = self._by_name.get(name)
             if member is not None:
                 if not hmac.compare_digest(member.secret_digest, _digest(secret)):
-                    raise Refusal("unauthenticated", f"node name {name!r} is taken by a node with other credentials")
+                    self._conflict(name)
+                    raise NameTaken(name)
                 member.lease_expiry = self._clock() + self.lease_seconds
                 if not member.alive:
                     member.joined_round = current_round
@@ -72,6 +110,16 @@ class Membership:
             self._by_id[node_id] = member
             self.events.append(("join", node_id))
             return member, False
+
+    def _conflict(self, name: str) -> None:
+        """Count (and log, at most once per name per minute) a join refused because the name is taken."""
+        n = self.name_conflicts[name] = self.name_conflicts.get(name, 0) + 1
+        now = self._clock()
+        if now - self._conflict_logged.get(name, -CONFLICT_LOG_SECONDS) >= CONFLICT_LOG_SECONDS:
+            self._conflict_logged[name] = now
+            log.warning("name conflict: a join as node %s with other credentials was refused (the name is held by "
+                        "another holder of the federation token, node id %s); %d such join(s) refused so far",
+                        _echo(name), self._by_name[name].node_id, n)
 
     def authenticate(self, node_id: str, token: str, *, require_alive: bool = True) -> Member:
         with self._lock:

@@ -38,7 +38,7 @@ class LiveProgress:
             r = c.keeper.current if c else None
             if r is None or r.closed:
                 continue
-            names = sorted(c._name(n) for n in r.missing)
+            names = sorted(c.name_of(n) for n in r.missing)
             shown = ", ".join(names[:6]) + (f" +{len(names) - 6}" if len(names) > 6 else "")
             self.progress.update(self.task, description=f"round {r.round_id}: {len(r.uploads)}/{len(r.selected)} "
                                                         f"reported; waiting for {shown}")

@@ -1,8 +1,9 @@
-"""The round state machine: open, collect, close. No gRPC, no torch.distributed.
+"""The round ledger: open, collect, close. Pure bookkeeping: no tensors, no gRPC,
+no torch.distributed (the rows themselves live in ``rowstore.RowStore``).
 
 A round opens with its selected nodes, a deadline and a quorum. Uploads are
 checked against it (selected, right round and model version, one per node) and
-stored whole or not at all. It closes when every selected node reported (or,
+recorded whole or not at all. It closes when every selected node reported (or,
 with over-selection, when ``target`` of them did), or at the deadline — early if
 every node still missing is dead or broke off its upload (a broken stream is
 discarded and ends the node's part in the round: one attempt per round). With
@@ -12,23 +13,29 @@ Where a missing node was lost is inferred from what the orchestrator saw
 (:meth:`Round.dropped_phases`): it never confirmed the whole task
 (``download``), it confirmed the task but started no upload (``train``), or its
 upload started and never completed (``upload``: a broken stream, discarded).
+
+Each selected node gets a random nonce for the round (:attr:`Round.nonces`,
+sent in its task); an upload header must echo it, so an upload captured in
+one round and re-sent in another with its round and model version rewritten
+(under the same session token) is refused (``permission_denied``).
 """
 from __future__ import annotations
 
+import hmac
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
-
-import torch
 
 from .errors import Refusal
 
 
 @dataclass
 class Upload:
+    """What the ledger records of an accepted upload (its row is in the row store)."""
+
     node_id: str
-    delta: torch.Tensor
     num_samples: int
     num_bytes: int
     seconds: float
@@ -57,6 +64,12 @@ class Round:
     broken: set[str] = field(default_factory=set)
     """Nodes whose upload stream broke (the client died or cut it): one attempt per round,
     so a node restarted after a crash waits for the next round instead of retrying this one."""
+    nonces: dict[str, str] = field(default_factory=dict)
+    """node -> the random nonce of its task this round; its upload header must echo it."""
+
+    def nonce_of(self, node_id: str) -> str:
+        """The upload nonce to send with ``node_id``'s task of this round."""
+        return self.nonces.get(node_id, "")
 
     @property
     def num_selected(self) -> int:
@@ -70,6 +83,15 @@ class Round:
         """``{node_id: phase}`` of the missing nodes: where each was lost (see the module docstring)."""
         return {n: "upload" if n in self.upload_started else "train" if n in self.downloaded else "download"
                 for n in self.missing}
+
+
+def check_nonce(sent: str, issued: str, task: str) -> None:
+    """Refuse an upload whose nonce is missing or is not ``issued`` (a replayed or forged upload)."""
+    if not sent:
+        raise Refusal("permission_denied", f"the upload carries no upload_nonce; echo the upload_nonce of {task}")
+    if not issued or not hmac.compare_digest(sent.encode(), issued.encode()):
+        raise Refusal("permission_denied", f"upload_nonce does not match {task}: a replayed or forged upload "
+                                           "(an upload answers the one task it was trained for)")
 
 
 def quorum_count(quorum: float, selected: int) -> int:
@@ -93,7 +115,8 @@ class RoundKeeper:
         with self._cond:
             now = self._clock()
             self.current = Round(round_id, model_version, frozenset(selected), quorum_count(quorum, len(selected)),
-                                 now, now + timeout, target=target if 0 < target < len(selected) else 0)
+                                 now, now + timeout, target=target if 0 < target < len(selected) else 0,
+                                 nonces={n: secrets.token_hex(16) for n in selected})
             self._cond.notify_all()
             return self.current
 
@@ -123,9 +146,6 @@ class RoundKeeper:
             if r is not None and r.round_id == round_id and node_id in r.selected:
                 r.downloaded.add(node_id)
 
-    def _refuse(self, r: Optional[Round], reason: str, msg: str) -> Refusal:
-        return Refusal(reason, msg)
-
     def count_refusal(self, reason: str) -> None:
         """Record a refused upload against the open round (for the round's metrics)."""
         with self._cond:
@@ -133,8 +153,12 @@ class RoundKeeper:
             if r is not None:
                 r.refused[reason] = r.refused.get(reason, 0) + 1
 
-    def begin_upload(self, node_id: str, round_id: int, model_version: int) -> Round:
-        """Check an upload's header against the open round and reserve its slot."""
+    def begin_upload(self, node_id: str, round_id: int, model_version: int, nonce: Optional[str] = None) -> Round:
+        """Check an upload's header against the open round and reserve its slot.
+
+        ``nonce``: the header's ``upload_nonce``; it must be the one sent with the node's
+        task of this round. The gRPC edge always passes it (``""`` when the header has
+        none); ``None`` skips the check (in-process callers that hold no task)."""
         with self._cond:
             r = self.current
             if r is None or round_id != r.round_id or r.closed:
@@ -142,17 +166,19 @@ class RoundKeeper:
                     f"round {r.round_id} is {'closed' if r.closed else 'open'}")
                 if r is not None and (round_id < r.round_id or r.closed):
                     self.late_refused += 1
-                raise self._refuse(r, "stale", f"stale upload for round {round_id}: {state}")
+                raise Refusal("stale", f"stale upload for round {round_id}: {state}")
             if node_id not in r.selected:
-                raise self._refuse(r, "permission_denied", f"node {node_id} was not selected for round {round_id}")
+                raise Refusal("permission_denied", f"node {node_id} was not selected for round {round_id}")
             if model_version != r.model_version:
-                raise self._refuse(r, "stale", f"update is based on model version {model_version}; round {round_id} "
+                raise Refusal("stale", f"update is based on model version {model_version}; round {round_id} "
                                                f"trains version {r.model_version}")
             if node_id in r.uploads or node_id in r.in_flight:
-                raise self._refuse(r, "duplicate", f"node {node_id} already sent an update for round {round_id}")
+                raise Refusal("duplicate", f"node {node_id} already sent an update for round {round_id}")
             if node_id in r.broken:
-                raise self._refuse(r, "duplicate", f"node {node_id}'s upload for round {round_id} broke off; "
+                raise Refusal("duplicate", f"node {node_id}'s upload for round {round_id} broke off; "
                                                    "one attempt per round")
+            if nonce is not None:
+                check_nonce(nonce, r.nonce_of(node_id), f"the task of round {round_id} sent to node {node_id}")
             r.in_flight.add(node_id)
             r.upload_started.add(node_id)
             return r
@@ -172,7 +198,7 @@ class RoundKeeper:
             r.in_flight.discard(upload.node_id)
             if r.closed or self.current is not r:
                 self.late_refused += 1
-                raise self._refuse(r, "stale", f"round {r.round_id} closed ({r.outcome}) before the upload finished")
+                raise Refusal("stale", f"round {r.round_id} closed ({r.outcome}) before the upload finished")
             r.uploads[upload.node_id] = upload
             self._cond.notify_all()
 

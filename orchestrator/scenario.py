@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 
 from fednode.config import TrainConfig
 
+from .addresses import is_wildcard
+
 
 class ScenarioError(ValueError):
     """A scenario file or override is invalid; the message names the key."""
@@ -59,7 +61,13 @@ class FederationSection:
     join_timeout: float = 120.0
     server_lr: float = 1.0
     host: str = "127.0.0.1"
+    """Address the orchestrator listens on (0.0.0.0 or :: for every interface)."""
     port: int = 0
+    advertise_host: str = ""
+    """Host (name or IP) that nodes on other machines reach this orchestrator at: nodes are told
+    to upload to ``advertise_host:port`` and to dial the collusion service and the adversary view
+    there. '' : the bind host when it is a concrete address; with a wildcard host (0.0.0.0, ::)
+    nodes keep using the address they joined on. Never a wildcard itself."""
     over_selection: float = 1.0
     """Sample mode: select ceil(sample_size * over_selection) nodes and close the round once
     sample_size of them reported (the rest are refused as late)."""
@@ -75,6 +83,12 @@ class FederationSection:
     idle_nodes: Literal["auto", "light", "warm"] = "auto"
     """light: a node sheds torch, model and data after each round (re-exec, same identity);
     warm: keeps them. auto: light for sync sample selection (cross-device), else warm."""
+    sample_counts: Literal["assigned", "median"] = "assigned"
+    """How self-reported sample counts are trusted before a rule weights by them: 'assigned' caps
+    each at the node's assigned shard size; 'median' (nodes bring their own data) caps each at
+    count_cap x the round's median claim (orchestrator/pipeline.py: trusted_counts)."""
+    count_cap: float = 2.0
+    """With sample_counts = 'median': the cap, as a multiple of the round's median claim."""
     train_slots: int = 0
     """At most this many local nodes compute at once (0: this machine's cores); fednode/slots.py."""
 
@@ -181,46 +195,90 @@ class Scenario:
 _SECTIONS = {f.name: f for f in dataclasses.fields(Scenario)}
 
 
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+"""Integers are 64-bit (TOML's range; they travel as int64 and seed 64-bit generators)."""
+MAX_NESTING = 16
+"""How deep a free-form table (``params``, ``attack_params``, ``schedule``) may nest."""
+
+
+def _echo(value: Any, limit: int = 80) -> str:
+    """A bounded ``repr`` of a value for an error message (a huge string, a deeply nested
+    table or an integer too long for ``repr`` must not flood or break the message)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # e.g. a nested integer past Python's digit limit
+        text = f"<a {type(value).__name__} that cannot be shown>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _check_free(path: str, value: Any, depth: int = 0) -> None:
+    """A free-form table's contents: string keys, 64-bit integers, bounded nesting."""
+    if depth > MAX_NESTING:
+        raise ScenarioError(f"{path} nests deeper than {MAX_NESTING} levels")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ScenarioError(f"{path} has a key {_echo(k)} that is not a string")
+            _check_free(f"{path}.{k}", v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_free(f"{path}[{i}]", v, depth + 1)
+    elif isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
+        raise ScenarioError(f"{path} = {_echo(value)} is out of range: integers must be in -2**63 .. 2**63 - 1")
+
+
 def _check_value(path: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ScenarioError(f"{path} = {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        if isinstance(value, bool) or not any(type(value) is type(a) and value == a for a in allowed):
+            raise ScenarioError(f"{path} = {_echo(value)} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ScenarioError(f"{path} must be true or false, got {value!r}")
+            raise ScenarioError(f"{path} must be true or false, got {_echo(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ScenarioError(f"{path} must be an integer, got {value!r}")
+            raise ScenarioError(f"{path} must be an integer, got {_echo(value)}")
+        if not INT_MIN <= value <= INT_MAX:
+            raise ScenarioError(f"{path} = {_echo(value)} is out of range: integers must be in -2**63 .. 2**63 - 1")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ScenarioError(f"{path} must be a finite number, got {value!r}")
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ScenarioError(f"{path} must be a finite number, got {_echo(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the largest float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ScenarioError(f"{path} must be a finite number, got {_echo(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ScenarioError(f"{path} must be a string, got {value!r}")
+            raise ScenarioError(f"{path} must be a string, got {_echo(value)}")
         return value
     if tp is dict:
         if not isinstance(value, dict):
-            raise ScenarioError(f"{path} must be a table, got {value!r}")
+            raise ScenarioError(f"{path} must be a table, got {_echo(value)}")
+        _check_free(path, value)
         return dict(value)
     return value
 
 
 def _build(cls: type, table: Any, path: str):
     if not isinstance(table, dict):
-        raise ScenarioError(f"[{path}] must be a table, got {table!r}")
+        raise ScenarioError(f"[{path}] must be a table, got {_echo(table)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in table.items():
-        full = f"{path}.{key}" if path else key
-        if key not in hints:
-            raise ScenarioError(f"unknown key {full!r}; allowed keys{' in [' + path + ']' if path else ''}: {', '.join(names)}")
+        full = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str) or key not in hints:
+            raise ScenarioError(f"unknown key {_echo(full)}; allowed keys{' in [' + path + ']' if path else ''}: "
+                                f"{', '.join(names)}")
         kwargs[key] = _check_value(full, value, hints[key])
     return cls(**kwargs)
 
@@ -237,13 +295,22 @@ def _validate(s: Scenario) -> None:
     need(fed.quorum > 0, "federation.quorum", "must be > 0 (a fraction in (0, 1] or a count)")
     need(fed.selection != "sample" or fed.sample_size >= 1, "federation.sample_size", "must be >= 1 when selection = 'sample'")
     need(0 <= fed.port < 65536, "federation.port", "must be in 0..65535")
+    need(not fed.advertise_host or not is_wildcard(fed.advertise_host), "federation.advertise_host",
+         f"= {fed.advertise_host!r} is a wildcard (listen-only) address; give the host name or IP that "
+         "nodes on other machines can reach, or '' to keep the address each node joined on")
+    need(fed.advertise_host == fed.advertise_host.strip() and not fed.advertise_host.endswith(":")
+         and (fed.advertise_host.count(":") != 1), "federation.advertise_host",
+         f"= {fed.advertise_host!r} must be a host name or IP address without a port "
+         "(the port is federation.port / the bound port)")
+    need(fed.count_cap >= 1.0, "federation.count_cap", "must be >= 1 (a multiple of the round's median claim)")
     need(s.training.epochs >= 1, "training.epochs", "must be >= 1")
     need(s.training.batch_size >= 1, "training.batch_size", "must be >= 1")
     need(s.training.lr > 0, "training.lr", "must be > 0")
     need(0 < s.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     need(s.data.alpha > 0, "data.alpha", "must be > 0")
     need(s.defense.f >= 0, "defense.f", "must be >= 0")
-    need(s.aggregation.ranks >= 1, "aggregation.ranks", "must be >= 1")
+    need(s.aggregation.ranks == 1, "aggregation.ranks",
+         f"= {s.aggregation.ranks} is not supported yet: the orchestrator runs one aggregation rank (allowed: 1)")
     need(len(s.roles) >= 1 and s.num_nodes >= 1, "roles", "must describe at least one node")
     seen = set()
     for i, r in enumerate(s.roles):
@@ -255,23 +322,44 @@ def _validate(s: Scenario) -> None:
         need(r.join_after_seconds >= 0, f"roles[{i}].join_after_seconds", "must be >= 0")
         need(r.rejoin_at_round < 0 or r.rejoin_at_round > r.leave_at_round >= 0, f"roles[{i}].rejoin_at_round",
              "needs leave_at_round >= 0 and must be > leave_at_round")
-    from .adversary import check_roles  # attack names, params, schedules and knowledge vs [adversary]
+    from .checks import check_roles  # attack names, params, schedules and knowledge vs [adversary]
     check_roles(s, need)
-    from .churn import check_churn  # crash/straggler role keys, async and cross-device federation keys
+    from .checks import check_churn  # crash/straggler role keys, async and cross-device federation keys
     check_churn(s, need)
+    from .checks import check_sizes_and_training  # node counts, quorum, training.params
+    check_sizes_and_training(s, need)
+    from .checks import check_defense  # the rule and its parameters, and (n, f) pairs that can never work
+    check_defense(s, need)
+
+
+def _check_name(name: str) -> str:
+    """The scenario's name names its run folder (``runs/<name>-<time>``): no path separators,
+    control characters, '.' or '..', at most 200 characters."""
+    bad = [c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127]
+    if not name.strip() or name in (".", "..") or len(name) > 200 or bad:
+        raise ScenarioError(f"name = {_echo(name)} must be 1-200 characters without path separators or control "
+                            "characters (it names the run's folder)")
+    return name
 
 
 def from_dict(raw: dict[str, Any]) -> Scenario:
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"a scenario must be a table of sections, got {_echo(raw)}")
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
-        if key not in _SECTIONS:
-            raise ScenarioError(f"unknown key {key!r}; allowed top-level keys: {', '.join(_SECTIONS)}")
+        if not isinstance(key, str) or key not in _SECTIONS:
+            raise ScenarioError(f"unknown key {_echo(key)}; allowed top-level keys: {', '.join(_SECTIONS)}")
         if key == "roles":
-            if not isinstance(value, list) or not value:
-                raise ScenarioError("roles must be a non-empty array of tables ([[roles]])")
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ScenarioError(f"roles must be a non-empty array of tables ([[roles]]), got {_echo(value)}")
             kwargs[key] = tuple(_build(RoleSection, v, f"roles[{i}]") for i, v in enumerate(value))
-        elif key in ("name", "seed"):
-            kwargs[key] = _check_value(key, value, str if key == "name" else int)
+        elif key == "name":
+            kwargs[key] = _check_name(_check_value(key, value, str))
+        elif key == "seed":
+            seed = _check_value(key, value, int)
+            if seed < 0:
+                raise ScenarioError(f"seed = {seed} must be >= 0 (it seeds numpy and torch generators)")
+            kwargs[key] = seed
         else:
             section_cls = typing.get_type_hints(Scenario)[key]
             kwargs[key] = _build(section_cls, value, key)
@@ -281,27 +369,32 @@ def from_dict(raw: dict[str, Any]) -> Scenario:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], value); the value is read as TOML, else as a string."""
-    if "=" not in text:
-        raise ScenarioError(f"override {text!r} must look like section.key=value")
+    """``a.b=value`` -> (["a", "b"], value); the value is read as one TOML value, else as a string."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ScenarioError(f"override {_echo(text)} must look like section.key=value")
     key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if any(not part.strip() for part in path):
+        raise ScenarioError(f"override {_echo(text)} must look like section.key=value (an empty key in "
+                            f"{_echo(key.strip())})")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+        parsed = tomllib.loads(f"v = {raw}")
+        value = parsed["v"] if list(parsed) == ["v"] else raw  # (a value with a newline and more keys: a string)
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # (ValueError: an integer past Python's digit limit)
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
+        if path[0] == "roles":
+            raise ScenarioError(f"override {_echo(text)}: roles cannot be overridden from the command line; edit the file")
         node = raw
         for i, part in enumerate(path[:-1]):
-            if part == "roles" or isinstance(node, list):
-                raise ScenarioError(f"override {text!r}: roles cannot be overridden from the command line; edit the file")
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ScenarioError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a table")
+                raise ScenarioError(f"override {_echo(text)}: {'.'.join(path[:i + 1])} is not a table")
         node[path[-1]] = value
     return raw
 
@@ -309,10 +402,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def load(path: str | Path, overrides: Optional[list[str]] = None) -> Scenario:
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text())
+        data = p.read_bytes()
     except FileNotFoundError:
         raise ScenarioError(f"scenario file {str(p)!r} does not exist") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise ScenarioError(f"scenario file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")  # (a leading byte-order mark is fine)
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{p}: not valid TOML: not UTF-8 (byte {exc.start})") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{p}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer literal past Python's digit limit
+        raise ScenarioError(f"{p}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ScenarioError(f"{p}: not valid TOML: arrays or tables nested too deeply") from None
     raw.setdefault("name", p.stem)
     return from_dict(apply_overrides(raw, overrides or []))

@@ -26,13 +26,13 @@ in its ``server_step`` attribute.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from proto.layout import Layout
+from proto.registry import Registry
 
 ServerStep = Callable[..., torch.Tensor]
 
@@ -100,25 +100,15 @@ class FedDynStep:
         return lr * agg_delta - h / alpha
 
 
-SERVER_STEPS: dict[str, tuple[type, Callable[[Any], ServerStep]]] = {
+SERVER_STEPS: Registry = Registry("server step", error=ValueError, entries={
     "sgd": (SgdStepConfig, SgdStep),
     "feddyn": (FedDynStepConfig, FedDynStep),
-}
+})
 
 
 def build_server_step(name: str, params: dict[str, Any] | None = None) -> ServerStep:
     """A configured server step; unknown name or parameter -> ``ValueError``."""
-    try:
-        config_cls, factory = SERVER_STEPS[name]
-    except KeyError:
-        raise ValueError(f"unknown server step {name!r}; known: {', '.join(sorted(SERVER_STEPS))}") from None
-    params = dict(params or {})
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"server step {name!r} has no parameter {unknown[0]!r}; "
-                         f"allowed: {', '.join(sorted(known)) or '(none)'}")
-    return factory(config_cls(**params))
+    return SERVER_STEPS.build(name, params)
 
 
 def server_step_for_algorithm(algorithm: str, params: dict[str, Any] | None = None) -> ServerStep:
@@ -132,5 +122,5 @@ def server_step_for_algorithm(algorithm: str, params: dict[str, Any] | None = No
     build_config(algorithm, params)  # validate the algorithm's params as the nodes will
     _, strategy_cls = lookup(algorithm)
     step_name = strategy_cls.server_step
-    known = {f.name for f in dataclasses.fields(SERVER_STEPS[step_name][0])}
+    known = set(SERVER_STEPS.allowed(step_name))
     return build_server_step(step_name, {k: v for k, v in (params or {}).items() if k in known})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import zlib
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -62,9 +62,14 @@ class Assembler:
 
     Refuses (``CodecError``) a wrong dtype, a byte count that disagrees with the
     expectation, more bytes than declared, too few bytes, or a CRC mismatch —
-    before anything is handed on."""
+    before anything is handed on.
 
-    def __init__(self, header: pb.TensorHeader, expected_bytes: int | None = None) -> None:
+    ``writer(offset, data)``: where the bytes go instead of the assembler's own
+    buffer (the orchestrator decodes straight into the round's row store); then
+    :meth:`check` verifies the stream and nothing is returned."""
+
+    def __init__(self, header: pb.TensorHeader, expected_bytes: int | None = None,
+                 writer: Callable[[int, bytes], None] | None = None) -> None:
         if header.dtype != FLOAT32:
             raise CodecError("dtype", f"dtype {header.dtype!r} is not allowed; expected 'float32'")
         if header.num_bytes <= 0 or header.num_bytes % 4:
@@ -72,7 +77,8 @@ class Assembler:
         if expected_bytes is not None and header.num_bytes != expected_bytes:
             raise CodecError("size", f"declared {header.num_bytes} bytes but the model layout needs {expected_bytes}")
         self.header = header
-        self.buffer = bytearray(header.num_bytes)
+        self._writer = writer
+        self.buffer = bytearray(header.num_bytes if writer is None else 0)
         self._view = memoryview(self.buffer)
         self.received = 0
         self._crc = 0  # running CRC: computed while later chunks are still on the wire
@@ -81,16 +87,23 @@ class Assembler:
         end = self.received + len(data)
         if end > self.header.num_bytes:
             raise CodecError("oversized", f"stream carries more than the declared {self.header.num_bytes} bytes")
-        self._view[self.received:end] = data
+        if self._writer is None:
+            self._view[self.received:end] = data
+        else:
+            self._writer(self.received, data)
         self._crc = zlib.crc32(data, self._crc)
         self.received = end
 
-    def finish_array(self) -> np.ndarray:
-        """The checked float32 vector as a numpy array (no torch needed)."""
+    def check(self) -> None:
+        """Refuse a short stream or a CRC mismatch."""
         if self.received != self.header.num_bytes:
             raise CodecError("truncated", f"stream ended after {self.received} of {self.header.num_bytes} declared bytes")
         if self._crc != self.header.crc32:
             raise CodecError("checksum", "CRC-32 of the received bytes does not match the header")
+
+    def finish_array(self) -> np.ndarray:
+        """The checked float32 vector as a numpy array (no torch needed)."""
+        self.check()
         return np.frombuffer(self.buffer, dtype="<f4")
 
     def finish(self) -> torch.Tensor:

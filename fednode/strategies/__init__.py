@@ -18,8 +18,9 @@ and whether the node must keep per-node state (``stateful``).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
+
+from proto.registry import Registry
 
 from .base import LocalRound, LocalStrategy, perturbed_gradients
 from .fedavg import FedAvg, FedAvgConfig
@@ -29,47 +30,29 @@ from .fedrs import FedRS, FedRSConfig, restricted_logits
 from .fedsam import FedSAM, FedSAMConfig
 from .fedspeed import FedSpeed, FedSpeedConfig
 
-STRATEGIES: dict[str, tuple[type, type[LocalStrategy]]] = {
+STRATEGIES: Registry = Registry("algorithm", error=ValueError, entries={
     "fedavg": (FedAvgConfig, FedAvg),
     "fedprox": (FedProxConfig, FedProx),
     "feddyn": (FedDynConfig, FedDyn),
     "fedrs": (FedRSConfig, FedRS),
     "fedsam": (FedSAMConfig, FedSAM),
     "fedspeed": (FedSpeedConfig, FedSpeed),
-}
+})
 
 
 def lookup(name: str) -> tuple[type, type[LocalStrategy]]:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+    """``(ConfigClass, StrategyClass)`` of algorithm ``name``; ``ValueError`` lists the known ones."""
+    return STRATEGIES.lookup(name)
 
 
 def build_config(name: str, params: dict[str, Any] | None = None) -> Any:
     """The validated config of algorithm ``name`` from ``params`` (aliases such as ``lambda`` accepted)."""
-    config_cls, _ = lookup(name)
-    aliases: dict[str, str] = getattr(config_cls, "ALIASES", {})
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in dict(params or {}).items():
-        field_name = aliases.get(key, key)
-        if field_name not in fields:
-            allowed = sorted(fields | set(aliases))
-            raise ValueError(f"algorithm {name!r} has no parameter {key!r}; allowed: {', '.join(allowed) or '(none)'}")
-        if field_name in kwargs:
-            raise ValueError(f"algorithm {name!r}: parameter {field_name!r} given twice (as {key!r} and an alias)")
-        kwargs[field_name] = value
-    try:
-        return config_cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"algorithm {name!r}: {exc}") from None
+    return STRATEGIES.build_config(name, params)
 
 
 def build_strategy(name: str, params: dict[str, Any] | None = None) -> LocalStrategy:
     """A configured strategy for algorithm ``name``; raises ``ValueError`` on unknown names/params."""
-    _, strategy_cls = lookup(name)
-    return strategy_cls(build_config(name, params))
+    return STRATEGIES.build(name, params)
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 :class:`LocalStrategy` owns the epoch / mini-batch loop (one SGD optimizer over
 the model's trainable parameters, mini-batches from
-:func:`fednode.training.batches`). An algorithm changes the loop only through
+:func:`batches`). An algorithm changes the loop only through
 small hooks:
 
 * :meth:`~LocalStrategy.logits` — the forward pass (FedRS restricts the softmax);
@@ -27,6 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from proto.layout import Layout
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """One epoch of shuffled mini-batches."""
+    order = torch.randperm(len(y), generator=generator)
+    for start in range(0, len(y), batch_size):
+        idx = order[start:start + batch_size]
+        yield x[idx], y[idx]
 
 
 @dataclass
@@ -133,7 +141,6 @@ class LocalStrategy:
         rnd = self._make_round(model, layout, global_vec, x, y, config, generator, state, num_classes)
         self.begin_round(rnd)
         opt = torch.optim.SGD(rnd.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        from fednode.training import batches  # training imports this package lazily; no cycle
         for _ in range(config.epochs):
             for xb, yb in batches(x, y, config.batch_size, generator):
                 opt.zero_grad(set_to_none=True)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from proto.registry import Registry
+
 from .base import DefenseError, DefenseResult, RoundContext
 from .bucketing import Bucketing, BucketingConfig
 from .bulyan import Bulyan, BulyanConfig
@@ -52,7 +54,7 @@ def _fedavg(config: MeanConfig) -> Mean:
     return Mean(dataclasses.replace(config, weighted=True))
 
 
-REGISTRY: dict[str, tuple[type, Callable[[Any], Defense]]] = {
+REGISTRY: Registry = Registry("defense", error=DefenseError, entries={
     "mean": (MeanConfig, Mean),
     "fedavg": (MeanConfig, _fedavg),
     "median": (MedianConfig, Median),
@@ -70,42 +72,36 @@ REGISTRY: dict[str, tuple[type, Callable[[Any], Defense]]] = {
     "vdc": (VDCConfig, VirtualDataConsistency),
     "fedseca": (FedSECAConfig, FedSECA),
     "stpa": (STPAConfig, STPA),
-}
+})
 
 
 def config_fields(name: str) -> list[tuple[str, str, Any]]:
     """``(param, type, default)`` for each parameter of defense ``name``."""
-    config_cls, _ = _lookup(name)
-    out = []
-    for fld in dataclasses.fields(config_cls):
-        default = fld.default if fld.default is not dataclasses.MISSING else (
-            fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        out.append((fld.name, str(fld.type), default))
-    return out
+    return REGISTRY.config_fields(name)
 
 
 def _lookup(name: str):
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise DefenseError(f"unknown defense {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+    return REGISTRY.lookup(name)
 
 
 def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
-    config_cls, factory = _lookup(name)
-    params = dict(params or {})
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise DefenseError(
-            f"defense {name!r} has no parameter {unknown[0]!r}; allowed: {', '.join(sorted(known)) or '(none)'}")
-    try:
-        config = config_cls(**params)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, DefenseError):
-            raise
-        raise DefenseError(f"defense {name!r}: {exc}") from None
-    return factory(config)
+    return REGISTRY.build(name, params)
+
+
+def rule_for_attack(name: str, params: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """The ``byzfed.defenses`` entry point (``pyproject.toml``): defense ``name`` as the
+    plain callable a rule-aware attack runs on its own rows,
+    ``aggregate(rows, *, f, generator, layout, global_weights, round=0, state=None) -> Tensor[d]``
+    (``fednode.rule_provider.RuleAggregate``), so that fednode needs no orchestrator type.
+    ``state`` is the rule's persistent dict (kept by the caller between calls)."""
+    rule = build_defense(name, params)
+
+    def aggregate(rows, *, f: int, generator, layout, global_weights, round: int = 0, state=None):
+        ctx = RoundContext(layout=layout, global_weights=global_weights, round=round, f=int(f),
+                           generator=generator, state={} if state is None else state)
+        return rule(rows, ctx).delta
+
+    return aggregate
 
 
 def _summary(name: str) -> str:
@@ -140,4 +136,23 @@ def describe() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["REGISTRY", "build_defense", "config_fields", "describe", "DefenseError", "DefenseResult", "RoundContext"]
+def min_clients(name: str, params: dict[str, Any] | None, f: int) -> int:
+    """The fewest updates per round with which defense ``name`` (configured by
+    ``params``) can run every round against ``f`` Byzantine clients: a scenario
+    with fewer clients can never work (the rule would raise :class:`DefenseError`).
+    E.g. krum ``2f + 3``, bulyan ``4f + 3``, trimmed_mean ``2f + 1`` (1 with
+    ``beta``), nnm ``max(2f + 1, inner)``; wrappers compose: bucketing needs its
+    inner rule's minimum in bucket means, vdc ``m`` more than its inner rule,
+    stpa and layerwise what their inner rule needs. Rules without a requirement (mean, median,
+    geomed, rfa, centered_clipping, fedseca) return 1: they run at any ``n``, but
+    tolerate ``f`` only below their breakdown point (``f < n / 2``; the mean none).
+    Bad names or parameters raise :class:`DefenseError` as :func:`build_defense` does."""
+    if int(f) < 0:
+        raise DefenseError(f"f must be >= 0, got {f}")
+    rule = build_defense(name, params)
+    fn = getattr(rule, "min_clients", None)
+    return max(1, int(fn(int(f)))) if callable(fn) else 1
+
+
+__all__ = ["REGISTRY", "build_defense", "config_fields", "describe", "min_clients", "DefenseError", "DefenseResult",
+           "RoundContext"]

@@ -127,3 +127,69 @@ def through_mixing(inner: DefenseResult, mix: torch.Tensor, n: int) -> tuple[tor
 def stable_order(scores: torch.Tensor) -> torch.Tensor:
     """Indices sorting ``scores`` ascending, ties by lowest index (the documented tie-break)."""
     return torch.sort(scores, stable=True).indices
+
+
+# ------------------------------------------------- updates holding NaN or Inf
+
+def restrict_context(ctx: RoundContext, keep: torch.Tensor, f: int) -> RoundContext:
+    """``ctx`` for the rows ``keep`` of this round's updates, with Byzantine count
+    ``f``; the same state namespace (the rule itself runs again on fewer rows)."""
+    counts, ids = ctx.sample_counts, ctx.client_ids
+    if counts is not None:
+        counts = counts[keep.to(counts.device)]
+    if ids is not None:
+        ids = [ids[i] for i in keep.tolist()]
+    return dataclasses.replace(ctx, f=f, sample_counts=counts, client_ids=ids)
+
+
+def excluded_f(f: int, excluded: int) -> int:
+    """Byzantine rows left to tolerate once ``excluded`` rows (NaN/Inf, hence
+    Byzantine) are out: ``max(f - excluded, 0)``. Requirements such as
+    ``n >= 2f + 3`` that hold for ``(n, f)`` hold for ``(n - b, f - b)``."""
+    return max(int(f) - int(excluded), 0)
+
+
+def no_finite_rows(rule: str, n: int) -> DefenseError:
+    return DefenseError(f"{rule}: every one of the n = {n} updates holds NaN or Inf; nothing to aggregate")
+
+
+def expand_result(res: DefenseResult, keep: torch.Tensor, n: int, excluded: torch.Tensor) -> DefenseResult:
+    """A result over the rows ``keep`` as a result over all ``n`` rows: the others
+    (``excluded``, rows holding NaN or Inf) are not accepted and weigh 0."""
+    dev = res.accepted.device
+    k = keep.to(dev)
+    accepted = torch.zeros(n, dtype=torch.bool, device=dev)
+    accepted[k] = res.accepted.to(torch.bool)
+    weights = None
+    if res.weights is not None:
+        weights = torch.zeros(n, dtype=res.weights.dtype, device=res.weights.device)
+        weights[keep.to(res.weights.device)] = res.weights
+    diag = dict(res.diagnostics)
+    diag["nonfinite"] = excluded.cpu()
+    diag["n_accepted"] = int(accepted.sum())
+    return DefenseResult(delta=res.delta, accepted=accepted, weights=weights, diagnostics=diag)
+
+
+def without_rows(rule: str, updates: torch.Tensor, ctx: RoundContext, bad: torch.Tensor,
+                 run: Callable[[torch.Tensor, RoundContext], DefenseResult]) -> DefenseResult:
+    """``run`` on the updates not flagged in ``bad`` (``[n]`` bool: rows holding NaN
+    or Inf), with ``f`` lowered by their number, mapped back to all ``n`` rows;
+    a :class:`DefenseError` when no row is left."""
+    n = updates.shape[0]
+    bad = bad.to("cpu", torch.bool)
+    keep = torch.nonzero(~bad).flatten()
+    if keep.numel() == 0:
+        raise no_finite_rows(rule, n)
+    excluded = torch.nonzero(bad).flatten()
+    sub = restrict_context(ctx, keep, excluded_f(ctx.f, excluded.numel()))
+    try:
+        res = run(updates.index_select(0, keep.to(updates.device)), sub)
+    except DefenseError as exc:
+        raise DefenseError(f"{exc} (after leaving out {excluded.numel()} update(s) holding NaN or Inf)") from None
+    return expand_result(res, keep, n, excluded)
+
+
+def _inner_min(rule: Any, f: int) -> int:
+    """``rule.min_clients(f)`` (1 for a callable without it)."""
+    fn = getattr(rule, "min_clients", None)
+    return int(fn(f)) if callable(fn) else 1

@@ -33,6 +33,19 @@ The paper's four variants are configurations of one rule, e.g. for Krum:
 original ``{}``, layerwise ``{layerwise = true}``, cosine with median clipping
 ``{distance = "cosine", clip = "median"}``, layerwise cosine ``{layerwise =
 true, distance = "cosine", clip = "median"}``.
+
+The Gram matrix comes from :func:`._geometry.frame`: for the Euclidean rules a
+*centred* frame (exact picks in float32 when the updates share a large common
+part; the origin is added as a point when clipping needs norms), for cosine
+the plain one. Either way no entry overflows, whatever the updates hold.
+
+Updates holding NaN or Inf (refused at the server's edge, but the rules are
+also used directly) are Byzantine: the rule runs on the other rows with ``f``
+lowered by their number (a requirement such as ``n >= 2f + 3`` that held still
+holds), reports them not accepted with weight 0 and score +inf (listed in
+``diagnostics["nonfinite"]``), and keeps them out of the reduction (a zero
+weight times NaN is NaN, so weighted means take only the rows that carry
+weight). Layerwise, this happens per layer.
 """
 from __future__ import annotations
 
@@ -42,11 +55,11 @@ from typing import Any, Optional
 
 import torch
 
-from ._common import Config, option
-from ._geometry import DISTANCES, Geometry, clip_scales, gram
+from ._common import Config, excluded_f, no_finite_rows, option, restrict_context
+from ._geometry import DISTANCES, Geometry, clip_scales, frame
 from ._order import median_1d
 from .layerwise import run_layerwise
-from .base import DefenseResult, RoundContext, check_updates
+from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 CLIPS = (None, "median", "median-output")
 
@@ -93,6 +106,15 @@ class GramRule:
                     out: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def min_clients(self, f: int) -> int:
+        """The fewest updates this rule can aggregate with ``f`` Byzantine ones."""
+        return 1
+
+    def centred(self) -> bool:
+        """Whether the rule only reads translation-invariant quantities of the
+        unscaled rows (Euclidean distances): then the frame is centred."""
+        return getattr(self.config, "distance", "euclidean") == "euclidean"
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext, out: Optional[torch.Tensor] = None) -> DefenseResult:
         n, d = check_updates(updates)
         f = int(ctx.f)
@@ -105,14 +127,36 @@ class GramRule:
                 res.delta = out.copy_(res.delta)
             return res
         clip = getattr(cfg, "clip", None)
-        g = gram(updates)
-        norms = g.diagonal().clamp_min(0).sqrt()
-        radius = median_1d(norms) if clip is not None else None
-        scale = clip_scales(norms, radius) if clip == "median" else None
-        sel = self.select(Geometry(g, scale), ctx, f)
+        centred = self.centred()
+        fr = frame(updates, centre=centred, origin=centred and clip is not None)
+        keep = excluded = None
+        if not fr.all_finite:
+            # Defense in depth (the server refuses NaN/Inf, but rules are also
+            # used directly): such rows are Byzantine; the rule runs on the rest.
+            keep = torch.nonzero(fr.finite).flatten()
+            excluded = torch.nonzero(~fr.finite).flatten()
+            if keep.numel() == 0:
+                raise no_finite_rows(self.name, n)
+            f = excluded_f(f, excluded.numel())
+            try:
+                self.check(int(keep.numel()), f)
+            except DefenseError as exc:
+                raise DefenseError(f"{exc} (after leaving out {excluded.numel()} update(s) holding NaN or Inf)") from None
+            fr = fr.restrict(keep)
+            ctx = restrict_context(ctx, keep, f)
+        radius = scale = None
+        if clip is not None:
+            radius = median_1d(fr.sq_norms().sqrt())
+            if clip == "median":
+                scale = clip_scales(fr.sq_norms().sqrt(), radius)
+        sel = self.select(Geometry(fr, scale), ctx, f)
+        if keep is not None:
+            sel = self._expand(sel, keep, n)
+            if scale is not None:
+                scale = torch.ones(n, dtype=torch.float64).index_copy_(0, keep, scale)
         if out is None:
             out = torch.empty(d, dtype=updates.dtype, device=updates.device)
-        self._reduce(updates, sel, scale, f, out)
+        self._reduce(updates, sel, scale, f, out, all_finite=keep is None)
         if clip == "median-output":
             norm = float(out.norm())
             if norm > float(radius):
@@ -122,11 +166,30 @@ class GramRule:
             diag["scores"] = sel.scores.to(updates.dtype)
         diag["selected"] = torch.nonzero(sel.accepted).flatten()
         diag["n_accepted"] = int(sel.accepted.sum())
+        if excluded is not None:
+            diag["nonfinite"] = excluded
         weights = None if sel.weights is None else sel.weights.to(updates.device, updates.dtype)
         return DefenseResult(delta=out, accepted=sel.accepted.to(updates.device), weights=weights, diagnostics=diag)
 
+    # Selection info entries holding row indices (mapped back after exclusions).
+    index_info: tuple[str, ...] = ()
+
+    def _expand(self, sel: Selection, keep: torch.Tensor, n: int) -> Selection:
+        """A selection over the rows ``keep`` as one over all ``n`` rows."""
+        accepted = torch.zeros(n, dtype=torch.bool).index_copy_(0, keep, sel.accepted.to("cpu", torch.bool))
+        weights = None if sel.weights is None else \
+            torch.zeros(n, dtype=torch.float64).index_copy_(0, keep, sel.weights.to("cpu", torch.float64))
+        rows = None if sel.rows is None else keep[sel.rows.cpu()]
+        scores = None if sel.scores is None else \
+            torch.full((n,), float("inf"), dtype=torch.float64).index_copy_(0, keep, sel.scores.to("cpu", torch.float64))
+        info = dict(sel.info)
+        for key in self.index_info:
+            if isinstance(info.get(key), torch.Tensor):
+                info[key] = keep[info[key].cpu()]
+        return Selection(accepted=accepted, weights=weights, rows=rows, scores=scores, info=info)
+
     def _reduce(self, x: torch.Tensor, sel: Selection, scale: Optional[torch.Tensor], f: int,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, all_finite: bool = True) -> None:
         if sel.weights is None:
             rows = sel.rows.to(x.device)
             self.reduce_rows(x, rows, None if scale is None else scale[sel.rows].to(x.device, x.dtype), f, out)
@@ -137,8 +200,12 @@ class GramRule:
             # Krum's pick: one row copy instead of a pass over all n rows.
             i = int(nz[0])
             torch.mul(x[i], float(w[i]), out=out)
-        else:
+        elif all_finite:
+            # A zero weight times a finite value is 0, however large the value.
             torch.mv(x.T, w.to(x.device, x.dtype), out=out)
+        else:
+            # 0 x NaN is NaN: only the rows that carry weight enter the product.
+            torch.mv(x.index_select(0, nz.to(x.device)).T, w[nz].to(x.device, x.dtype), out=out)
 
 
 def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:

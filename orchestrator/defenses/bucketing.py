@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from ._common import Config, build_spec, option, sub_context, through_mixing
+from ._common import Config, _inner_min, build_spec, option, sub_context, through_mixing, without_rows
+from ._geometry import nonfinite_rows
 from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 
@@ -35,6 +36,10 @@ class Bucketing:
         self.config = config
         self.inner = build_spec(config.inner, f"{self.name}.inner")
 
+    def min_clients(self, f: int) -> int:
+        # The inner rule sees ceil(n / s) bucket means.
+        return self.config.s * (_inner_min(self.inner, f) - 1) + 1
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, _ = check_updates(updates)
         if ctx.generator is None:
@@ -47,6 +52,13 @@ class Bucketing:
         sizes = torch.bincount(slot, minlength=buckets).to(torch.float64)
         mix[slot, perm] = 1.0 / sizes[slot]
         means = mix.to(updates.device, updates.dtype) @ updates
+        if not bool(torch.isfinite(means.sum())):
+            # 0 x NaN is NaN: one row holding NaN/Inf spoils every bucket of the
+            # mixing product. (A finite sum rules that out; an overflowing one is
+            # checked row by row.) Leave such rows out and bucket the rest.
+            bad = nonfinite_rows(updates)
+            if bad.any():
+                return without_rows(self.name, updates, ctx, bad, self)
         res = self.inner(means, sub_context(ctx, state_key="inner", mixed=True))
         accepted, weights = through_mixing(res, mix, n)
         diag = dict(res.diagnostics)

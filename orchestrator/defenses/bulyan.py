@@ -55,8 +55,13 @@ class Bulyan(GramRule):
 
     name = "bulyan"
 
+    index_info = ("order",)
+
     def check(self, n: int, f: int) -> None:
         need(n >= 4 * f + 3, self.name, "n >= 4f + 3", n, f)
+
+    def min_clients(self, f: int) -> int:
+        return 4 * f + 3
 
     def select(self, geom: Geometry, ctx: RoundContext, f: int) -> Selection:
         n = geom.n

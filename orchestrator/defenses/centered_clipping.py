@@ -8,9 +8,13 @@ zero in the first round or with ``start = "zero"``), ``iters`` times:
 each iteration (scale-free, and an honest majority keeps it at honest scale).
 Tolerates ``f < n / 2``: each Byzantine row moves ``v`` by at most ``tau / n``.
 
-Every iterate stays in the span of ``v_0`` and the rows, so the iterations run
-on coefficients: ``v = alpha v_0 + c^T X`` with distances from the Gram matrix
-and ``X v_0``. The matrix is read three times in all (Gram, ``X v_0``, output).
+Every iterate is an affine combination of ``v_0`` and the rows (coefficients
+summing to 1), so the iterations run on coefficients: ``v = alpha v_0 + c^T X``
+with distances from the Gram matrix of the rows and ``v_0`` (the origin when
+there is no previous centre), centred on a reference row in float32 (see
+:func:`._geometry.frame`: exact under a large common part, no overflow for
+extreme values). The matrix is read twice in all (Gram, output). Rows holding
+NaN or Inf are left out (not accepted, weight 0).
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import Config, option
-from ._geometry import clip_scales, gram
+from ._common import Config, no_finite_rows, option
+from ._geometry import all_finite, clip_scales, frame
 from ._order import median_1d
 from .base import DefenseResult, RoundContext, check_updates
 
@@ -42,34 +46,57 @@ class CenteredClipping:
     def __init__(self, config: CenteredClippingConfig) -> None:
         self.config = config
 
+    def min_clients(self, f: int) -> int:
+        return 1
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, d = check_updates(updates)
-        g = gram(updates)
-        sq = g.diagonal().clamp_min(0)
         prev = ctx.state.get("center") if self.config.start == "previous" else None
+        v0 = None
         if isinstance(prev, torch.Tensor) and prev.numel() == d:
-            v0 = prev.to(updates.device, updates.dtype)
-            p = (updates @ v0).to("cpu", torch.float64)
-            q = float(v0.double() @ v0.double())
-        else:
-            v0, p, q = None, torch.zeros(n, dtype=torch.float64), 0.0
-        alpha = 1.0
-        c = torch.zeros(n, dtype=torch.float64)
+            v0 = prev.reshape(1, d).to(updates.device, updates.dtype)
+            if not all_finite(v0):
+                v0 = None  # a corrupted centre: start from zero
+        # Points: the n rows, then the start v0 (or the origin): every iterate is an
+        # affine combination of them, so a centred frame gives exact distances.
+        fr = frame(updates, centre=True, extra=v0, origin=v0 is None)
+        keep = None
+        if not fr.all_finite:
+            keep = torch.nonzero(fr.finite).flatten()
+            if keep.numel() == 0:
+                raise no_finite_rows(self.name, n)
+            fr = fr.restrict(keep)
+        k = fr.n
+        g = fr.g
+        sq = g.diagonal()[:k]
+        a = torch.zeros(k + 1, dtype=torch.float64)
+        a[k] = 1.0  # v = a[:k] . x + a[k] * (v0 or 0); the coefficients sum to 1
         taus = []
         for _ in range(self.config.iters):
-            gc = g @ c
-            vv = alpha * alpha * q + 2.0 * alpha * float(c @ p) + float(c @ gc)
-            dist = (sq - 2.0 * (alpha * p + gc) + vv).clamp_min(0).sqrt()
+            ga = g @ a
+            dist = (sq - 2.0 * ga[:k] + a @ ga).clamp_min(0).sqrt()
             tau = self.config.tau if self.config.tau is not None else float(median_1d(dist))
             s = clip_scales(dist, tau)
-            keep = 1.0 - float(s.mean())
-            alpha *= keep
-            c = keep * c + s / n
+            keep_share = 1.0 - float(s.mean())
+            a = a * keep_share
+            a[:k] += s / k
             taus.append(tau)
-        delta = torch.mv(updates.T, c.to(updates.device, updates.dtype))
+        c, alpha = a[:k], float(a[k])
+        if keep is None:
+            delta = torch.mv(updates.T, c.to(updates.device, updates.dtype))
+            weights = c
+        else:
+            # Rows holding NaN/Inf stay out of the product (0 x NaN is NaN).
+            rows = updates.index_select(0, keep.to(updates.device))
+            delta = torch.mv(rows.T, c.to(updates.device, updates.dtype))
+            weights = torch.zeros(n, dtype=torch.float64).index_copy_(0, keep, c)
         if v0 is not None and alpha != 0.0:
-            delta.add_(v0, alpha=alpha)
+            delta.add_(v0[0], alpha=alpha)
         ctx.state["center"] = delta.detach().clone()
-        return DefenseResult(delta=delta, accepted=torch.ones(n, dtype=torch.bool, device=updates.device),
-                             weights=c.to(updates.device, updates.dtype),
-                             diagnostics={"tau": taus[-1], "center_share": alpha})
+        accepted = torch.ones(n, dtype=torch.bool) if keep is None else \
+            torch.zeros(n, dtype=torch.bool).index_fill_(0, keep, True)
+        diag = {"tau": taus[-1], "center_share": alpha}
+        if keep is not None:
+            diag["nonfinite"] = torch.nonzero(~accepted).flatten()
+        return DefenseResult(delta=delta, accepted=accepted.to(updates.device),
+                             weights=weights.to(updates.device, updates.dtype), diagnostics=diag)

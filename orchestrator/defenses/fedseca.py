@@ -45,10 +45,10 @@ from typing import Sequence
 
 import torch
 
-from ._common import Config, option
-from ._geometry import blocked_gram, clip_scales, int8_products
+from ._common import Config, option, without_rows
+from ._geometry import all_finite, blocked_gram, clip_scales, int8_products, row_norms
 from ._order import RowKthAbs, Scratch, map_sorted_columns, median_1d
-from .base import DefenseResult, RoundContext, check_updates
+from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +74,9 @@ class FedSECA:
     def __init__(self, config: FedSECAConfig) -> None:
         self.config = config
 
+    def min_clients(self, f: int) -> int:
+        return 1
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, d = check_updates(updates)
         dev, dt = updates.device, updates.dtype
@@ -98,9 +101,19 @@ class FedSECA:
             sq += block_sq
             if quantile is not None:
                 quantile.absorb(part)
+        norms = sq.sqrt().cpu()
+        odd = torch.nonzero(~torch.isfinite(norms)).flatten()
+        if odd.numel():
+            # A norm that is not finite: the row holds NaN/Inf (left out, the rest
+            # aggregated with f lowered), or its squares overflow (norm redone scaled).
+            exact, finite = row_norms(updates.index_select(0, odd.to(dev)))
+            if not bool(finite.all()):
+                bad = torch.zeros(n, dtype=torch.bool)
+                bad[odd[~finite]] = True
+                return without_rows(self.name, updates, ctx, bad, self)
+            norms[odd] = exact
         rho = concordance_ratio(concord)
         rho_dev = rho.to(dev, dt)
-        norms = sq.sqrt().cpu()
         clip = clip_scales(norms, median_1d(norms)).to(dev, dt)
         tau = None if quantile is None else quantile.result()[:, None]
         out = torch.empty(d, dtype=dt, device=dev)
@@ -126,6 +139,8 @@ class FedSECA:
             torch.div(total, torch.gt(vals, 0.0, out=mask).sum(0).clamp_min_(1.0), out=out[cols])
 
         map_sorted_columns(updates, fn, scale=clip, absolute=True, need=(lo, hi))
+        if not all_finite(out):
+            raise DefenseError(f"{self.name}: the aggregate is not finite")
         delta = out
         if self.config.momentum:
             prev = ctx.state.get("momentum")

@@ -42,6 +42,10 @@ class MultiKrum(GramRule):
     def check(self, n: int, f: int) -> None:
         need(n >= 2 * f + 3, self.name, "n >= 2f + 3", n, f)
 
+    def min_clients(self, f: int) -> int:
+        m = getattr(self.config, "m", 1)
+        return max(2 * f + 3, 1 if m is None else m)
+
     def select(self, geom: Geometry, ctx: RoundContext, f: int) -> Selection:
         n = geom.n
         m = getattr(self.config, "m", 1)

@@ -79,5 +79,9 @@ class Layerwise:
         self.config = config
         self.inner = build_spec(config.inner, f"{self.name}.inner")
 
+    def min_clients(self, f: int) -> int:
+        fn = getattr(self.inner, "min_clients", None)
+        return int(fn(f)) if callable(fn) else 1
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         return run_layerwise(self.inner, updates, ctx)

@@ -1,7 +1,10 @@
 """Mean aggregation (FedAvg): plain or weighted by each client's sample count.
 
 McMahan et al., "Communication-Efficient Learning of Deep Networks from
-Decentralized Data" (2017). Tolerates no Byzantine input (f = 0).
+Decentralized Data" (2017). Tolerates no Byzantine input (f = 0): one
+extreme row moves it anywhere. It never returns a non-finite aggregate: an
+update holding NaN/Inf (refused at the server's edge, but rules are also used
+directly) or a weighted sum that overflows is a :class:`DefenseError`.
 """
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DefenseResult, RoundContext, check_updates
+from ._geometry import all_finite
+from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,4 +37,11 @@ class Mean:
             w = w / w.sum()
         else:
             w = torch.full((n,), 1.0 / n, device=updates.device, dtype=updates.dtype)
-        return DefenseResult(delta=w @ updates, accepted=torch.ones(n, dtype=torch.bool, device=updates.device), weights=w)
+        delta = w @ updates
+        if not all_finite(delta):
+            raise DefenseError(f"{self.name}: the mean is not finite (an update holds NaN or Inf, or the weighted "
+                               "sum overflows); the mean tolerates no Byzantine input")
+        return DefenseResult(delta=delta, accepted=torch.ones(n, dtype=torch.bool, device=updates.device), weights=w)
+
+    def min_clients(self, f: int) -> int:
+        return 1

@@ -4,7 +4,9 @@ Towards Optimal Statistical Rates", ICML 2018).
 Each coordinate of the aggregate is the median of that coordinate over the
 ``n`` updates; for even ``n`` the mean of the two middle values. Tolerates
 ``f < n / 2`` (no parameter needed). Every update is reported accepted: the rule
-discards values, not clients. Per-column order statistics come from
+discards values, not clients. An update holding NaN is left out (and
+reported not accepted) when it would make the median NaN; Inf values are
+extreme values like any other. Per-column order statistics come from
 :mod:`._order` (sorting networks over blocks of columns on CPU).
 """
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import Config
+from ._common import Config, without_rows
+from ._geometry import all_finite, nonfinite_rows
 from ._order import column_median
 from .base import DefenseResult, RoundContext, check_updates
 
@@ -31,7 +34,16 @@ class Median:
     def __init__(self, config: MedianConfig) -> None:
         self.config = config
 
+    def min_clients(self, f: int) -> int:
+        return 1
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, _ = check_updates(updates)
-        return DefenseResult(delta=column_median(updates),
-                             accepted=torch.ones(n, dtype=torch.bool, device=updates.device))
+        delta = column_median(updates)
+        if not all_finite(delta):
+            # NaN spreads through the sorting network (an Inf is just the largest
+            # value): leave out the rows holding NaN or Inf, take the median of the rest.
+            bad = nonfinite_rows(updates)
+            if bad.any():
+                return without_rows(self.name, updates, ctx, bad, self)
+        return DefenseResult(delta=delta, accepted=torch.ones(n, dtype=torch.bool, device=updates.device))

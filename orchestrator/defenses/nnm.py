@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from ._common import Config, build_spec, need, option, sub_context, through_mixing
-from ._geometry import Geometry, gram
+from ._common import Config, _inner_min, build_spec, need, option, sub_context, through_mixing, without_rows
+from ._geometry import Geometry, frame
 from .base import DefenseResult, RoundContext, check_updates
 
 
@@ -39,12 +39,20 @@ class NNM:
         self.config = config
         self.inner = build_spec(config.inner, f"{self.name}.inner")
 
+    def min_clients(self, f: int) -> int:
+        return max(2 * f + 1, _inner_min(self.inner, f))
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, _ = check_updates(updates)
         f = int(ctx.f)
         need(n > 2 * f, self.name, "n > 2f", n, f)
+        fr = frame(updates, centre=True)
+        if not fr.all_finite:
+            # Rows holding NaN/Inf are left out before mixing (0 x NaN is NaN in
+            # the mixing product); the rest run with f lowered by their number.
+            return without_rows(self.name, updates, ctx, ~fr.finite, self)
         k = n - f
-        dist = Geometry(gram(updates)).sq_euclidean()
+        dist = Geometry(fr).sq_euclidean()
         # Stable sort on (distance, index): a row is always its own nearest.
         dist.fill_diagonal_(-1.0)
         near = torch.sort(dist, dim=1, stable=True).indices[:, :k]

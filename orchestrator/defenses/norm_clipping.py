@@ -9,14 +9,16 @@ most ``tau / n``. It is also a pre-aggregator: ``inner`` takes any rule spec.
 
 With a mean inside, the clipped matrix is never built (one weighted matrix-vector
 product); other inner rules get a clipped copy of the rows that need it.
+Norms are overflow-safe (:func:`._geometry.row_norms`); rows holding NaN or
+Inf are left out (not accepted), the rest run with ``f`` lowered by their number.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 import torch
 
-from ._common import Config, build_spec, option, sub_context
-from ._geometry import clip_scales
+from ._common import Config, _inner_min, build_spec, option, sub_context, without_rows
+from ._geometry import clip_scales, row_norms
 from ._order import median_1d
 from .base import DefenseResult, RoundContext, check_updates
 from .mean import Mean
@@ -40,9 +42,15 @@ class NormClipping:
         self.config = config
         self.inner = build_spec(config.inner, f"{self.name}.inner")
 
+    def min_clients(self, f: int) -> int:
+        return _inner_min(self.inner, f)
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, _ = check_updates(updates)
-        norms = torch.linalg.vector_norm(updates, dim=1).to("cpu", torch.float64)
+        # Overflow-safe norms: a row holding 3e19 has a finite norm, clipped like any other.
+        norms, finite = row_norms(updates)
+        if not bool(finite.all()):
+            return without_rows(self.name, updates, ctx, ~finite, self)
         tau = self.config.tau if self.config.tau is not None else float(median_1d(norms))
         scale = clip_scales(norms, tau)
         diag = {"tau": tau, "clipped": int((scale < 1).sum())}

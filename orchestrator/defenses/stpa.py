@@ -5,9 +5,12 @@ Spatial: cosine similarities ``S`` of the updates (from the Gram matrix);
 complete-linkage agglomerative clustering (scipy, on the distances ``1 - S``)
 into two clusters; if the largest cross-cluster similarity is below ``s_t`` the
 larger cluster is kept, otherwise all updates are. A tie in size keeps all
-updates (with no majority there is nothing to prefer one half by). The kept
-updates go to the ``inner`` rule (default: coordinate-wise median, the
-paper's choice) with the same ``f``.
+updates (with no majority there is nothing to prefer one half by), and so
+does a larger cluster too small for the inner rule's requirement with this
+``f`` (e.g. under Krum's ``2f + 3``; the inner rule then tolerates ``f`` on all
+updates, instead of the round failing). The kept updates go to the ``inner``
+rule (default: coordinate-wise median, the paper's choice) with the same ``f``.
+Updates holding NaN or Inf are left out first (``f`` lowered by their number).
 
 Temporal: with ``delta`` the inner aggregate, ``v <- beta v + (1 - beta) delta``,
 ``c = cos(delta, v)``; if ``c <= 0`` the round is skipped (zero delta), else the
@@ -39,9 +42,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import Config, build_spec, mask_of, option, sub_context, through_mixing
-from ._geometry import Geometry, gram
-from .base import DefenseResult, RoundContext, check_updates
+from ._common import Config, _inner_min, build_spec, mask_of, option, sub_context, through_mixing, without_rows
+from ._geometry import Geometry, all_finite, frame
+from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +66,12 @@ def two_clusters(sim: torch.Tensor) -> torch.Tensor:
     dist = (1.0 - sim).clamp_min(0.0)
     dist.fill_diagonal_(0.0)
     dist = (dist + dist.T) * 0.5
-    tree = linkage(squareform(dist.numpy(), checks=False), method="complete")
+    if not bool(torch.isfinite(dist).all()):
+        raise DefenseError("stpa: cosine similarities are not finite; cannot cluster")
+    try:
+        tree = linkage(squareform(dist.numpy(), checks=False), method="complete")
+    except ValueError as exc:  # scipy's own checks: never a foreign exception out of a rule
+        raise DefenseError(f"stpa: clustering failed: {exc}") from None
     return torch.from_numpy(fcluster(tree, t=2, criterion="maxclust") - 1).long()
 
 
@@ -76,30 +84,42 @@ class STPA:
         self.config = config
         self.inner = build_spec(config.inner, f"{self.name}.inner")
 
+    def min_clients(self, f: int) -> int:
+        # A split that would leave the inner rule too few updates keeps them all.
+        return _inner_min(self.inner, f)
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, d = check_updates(updates)
         cfg = self.config
         keep = torch.arange(n)
         cross = 1.0
         if n >= 2:
-            sim = Geometry(gram(updates)).cosine_similarity()
+            fr = frame(updates, centre=False)  # cosine: the plain Gram matrix (overflow-safe)
+            if not fr.all_finite:
+                # Before any state changes: the rows holding NaN/Inf are left out.
+                return without_rows(self.name, updates, ctx, ~fr.finite, self)
+            sim = Geometry(fr).cosine_similarity()
             labels = two_clusters(sim)
             a, b = torch.nonzero(labels == 0).flatten(), torch.nonzero(labels == 1).flatten()
             if a.numel() and b.numel():
                 cross = float(sim[a][:, b].max())
-                if cross < cfg.s_t and a.numel() != b.numel():
-                    keep = a if a.numel() > b.numel() else b
+                larger = a if a.numel() > b.numel() else b
+                if cross < cfg.s_t and a.numel() != b.numel() and larger.numel() >= self.min_clients(int(ctx.f)):
+                    keep = larger
         rows = updates if keep.numel() == n else updates.index_select(0, keep.to(updates.device))
         res = self.inner(rows, sub_context(ctx, state_key="inner", rows=None if keep.numel() == n else keep))
         agg = res.delta
+        if not all_finite(agg):
+            raise DefenseError("stpa: the inner rule's aggregate is not finite")
         prev = ctx.state.get("v")
-        if isinstance(prev, torch.Tensor) and prev.numel() == d:
+        if isinstance(prev, torch.Tensor) and prev.numel() == d and all_finite(prev):
             v = prev.to(agg.device, agg.dtype) * cfg.beta + agg * (1.0 - cfg.beta)
         else:
             v = agg.clone()
         ctx.state["v"] = v.detach().clone()
-        denom = float(agg.norm()) * float(v.norm())
-        c = float(agg @ v) / denom if denom > 0 else 0.0
+        a64, v64 = agg.double(), v.double()  # no overflow in the cosine of huge aggregates
+        denom = float(a64.norm()) * float(v64.norm())
+        c = float(a64 @ v64) / denom if denom > 0 else 0.0
         skipped = c <= 0
         delta = torch.zeros_like(agg) if skipped else v * (cfg.eta0 * c)
         ctx.state["rounds"] = int(ctx.state.get("rounds", 0)) + 1

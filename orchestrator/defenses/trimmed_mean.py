@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from ._common import Config, need, option
+from ._common import Config, need, option, without_rows
+from ._geometry import all_finite, nonfinite_rows
 from ._order import Scratch, map_sorted_columns
 from .base import DefenseResult, RoundContext, check_updates
 
@@ -61,6 +62,16 @@ class TrimmedMean:
         beta = self.config.beta
         k = int(ctx.f) if beta is None else int(math.floor(beta * n))
         need(n > 2 * k, self.name, f"n > 2k with k = {'f' if beta is None else 'floor(beta n)'} = {k}", n, int(ctx.f))
-        return DefenseResult(delta=trimmed_mean(updates, k),
-                             accepted=torch.ones(n, dtype=torch.bool, device=updates.device),
+        delta = trimmed_mean(updates, k)
+        if not all_finite(delta):
+            # NaN spreads through the order statistics, Inf survives when k = 0:
+            # leave out the rows holding NaN or Inf, trim the rest.
+            bad = nonfinite_rows(updates)
+            if bad.any():
+                return without_rows(self.name, updates, ctx, bad, self)
+        return DefenseResult(delta=delta, accepted=torch.ones(n, dtype=torch.bool, device=updates.device),
                              diagnostics={"trimmed": k})
+
+    def min_clients(self, f: int) -> int:
+        # beta < 1/2 trims floor(beta n) < n / 2 values from each end at any n.
+        return 2 * f + 1 if self.config.beta is None else 1

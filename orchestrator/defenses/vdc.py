@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._common import Config, build_spec, mask_of, option, stable_order, sub_context, through_mixing
+from ._common import Config, build_spec, mask_of, option, stable_order, sub_context, through_mixing, without_rows
+from ._geometry import nonfinite_rows
 from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 
@@ -114,10 +115,26 @@ class VirtualDataConsistency:
         self.config = config
         self.inner = build_spec(config.inner, f"{self.name}.inner")
 
+    def min_clients(self, f: int) -> int:
+        m = f if self.config.m is None else self.config.m
+        fn = getattr(self.inner, "min_clients", None)
+        return m + (int(fn(f)) if callable(fn) else 1)
+
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, d = check_updates(updates)
+        m = int(ctx.f) if self.config.m is None else self.config.m
+        bad = nonfinite_rows(updates)
+        if bad.any():
+            # Rows holding NaN/Inf (whose models may even give finite features when
+            # the NaN sits in the classifier) are dropped first, and count among the m.
+            b = int(bad.sum())
+            return without_rows(self.name, updates, ctx, bad,
+                                lambda rows, sub: self._aggregate(rows, sub, max(m - b, 0)))
+        return self._aggregate(updates, ctx, m)
+
+    def _aggregate(self, updates: torch.Tensor, ctx: RoundContext, m: int) -> DefenseResult:
+        n, d = check_updates(updates)
         cfg = self.config
-        m = int(ctx.f) if cfg.m is None else cfg.m
         if m >= n:
             raise DefenseError(f"{self.name} needs m < n (m = {m}, n = {n})")
         if ctx.model_fn is None:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional
 from orchestrator.coordinator import Coordinator
 from rich.console import Console
 
-from orchestrator.runner import ChildProcesses, node_argv, run_scenario
+from orchestrator.launch import ChildProcesses, node_argv
+from orchestrator.runner import run_scenario
 from orchestrator.scenario import Scenario, from_dict
 from orchestrator.servicer import serve
 

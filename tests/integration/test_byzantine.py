@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.runner import ChildProcesses, behaviour_json
+from orchestrator.launch import ChildProcesses, behaviour_json
 from orchestrator.scenario import RoleSection, Scenario, ScenarioError
 from tests.integration import harness
 from tests.integration.harness import Federation, node_log, run

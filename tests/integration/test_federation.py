@@ -118,7 +118,7 @@ def test_every_bad_upload_is_refused_and_changes_nothing(run_dir):
         good = torch.randn(d, generator=torch.Generator().manual_seed(0)) * 1e-3
         buf = codec.tensor_bytes(good)
         r, v = task.round, task.model_version
-        global_before = fed.coord.global_vec.clone()
+        global_before = fed.coord.model.weights.clone()
 
         def push(delta=good, **over):
             return probe.push_update(r, v, delta, 10, **over)
@@ -146,11 +146,11 @@ def test_every_bad_upload_is_refused_and_changes_nothing(run_dir):
         assert "non-finite" in codes["nan"] and "CRC" in codes["checksum"]
         rnd = fed.coord.keeper.current
         assert rnd.round_id == r and not rnd.closed and sess.node_id not in rnd.uploads
-        assert torch.equal(fed.coord.global_vec, global_before)
+        assert torch.equal(fed.coord.model.weights, global_before)
         reply = push()
         assert reply.accepted and reply.bytes_received == 4 * d
         codes["duplicate"] = _raises(grpc.StatusCode.ALREADY_EXISTS, lambda: push())
-        assert torch.equal(rnd.uploads[sess.node_id].delta, good)
+        assert sess.node_id in rnd.uploads and torch.equal(fed.coord.store.row(sess.node_id), good)
         release(1)
         t2 = honest_round(2)
         probe.push_update(t2.round, t2.model_version, torch.zeros(d), 10)

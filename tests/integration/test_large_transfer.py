@@ -19,21 +19,20 @@ def test_300mb_update_and_weights_cross_the_wire(tmp_path):
     s = from_dict({"name": "big", "model": {"name": "logreg"}, "roles": [{"name": "big", "count": 1}],
                    "output": {"live": False, "plot": False}})
     coord = Coordinator(s, tmp_path, "tok")
-    coord.layout = Layout.from_shapes([("embedding", (d - 10,)), ("head", (10,))])
-    coord.layout_json, coord.layout_hash = coord.layout.to_json(), coord.layout.hash()
-    coord.global_vec = torch.arange(d, dtype=torch.float32).mul_(1e-6)
+    coord.use_layout(Layout.from_shapes([("embedding", (d - 10,)), ("head", (10,))]),
+                     torch.arange(d, dtype=torch.float32).mul_(1e-6))
     server, port = serve(coord, "127.0.0.1", 0, 4)
     try:
         client = FederationClient(f"127.0.0.1:{port}")
         sess = client.join("big-000", "s", "tok")
         assert sess.layout.d == d
-        coord.keeper.open(0, 0, {sess.node_id}, 600, 1.0)
+        coord.open_round(0, {sess.node_id}, 600, 1.0)
         task = client.get_task(wait_seconds=5)
-        assert task.kind == "train" and torch.equal(task.weights, coord.global_vec)
+        assert task.kind == "train" and torch.equal(task.weights, coord.model.weights)
         delta = torch.linspace(-1, 1, d)
         reply = client.push_update(0, 0, delta, 1)
         assert reply.accepted and reply.bytes_received == 4 * d
-        assert torch.equal(coord.keeper.current.uploads[sess.node_id].delta, delta)
+        assert sess.node_id in coord.keeper.current.uploads and torch.equal(coord.store.row(sess.node_id), delta)
         client.close()
     finally:
         server.stop(0)

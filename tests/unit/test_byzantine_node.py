@@ -290,15 +290,22 @@ class _ViewCoord:
     def __init__(self):
         from orchestrator.membership import Membership
         from orchestrator.rounds import RoundKeeper
+        from orchestrator.rowstore import RowStore
         self.s = SimpleNamespace(name="unit", adversary=SimpleNamespace(omniscient=True, view_timeout=5.0))
         self.membership = Membership("fed", 60.0)
         self.keeper = RoundKeeper()
+        self.store = RowStore(D)
         self.shutdown = threading.Event()
         self.byzantine_names = {"byz-000"}
         self.ids = {}
         for name in ("honest-000", "honest-001", "byz-000"):
             m, _ = self.membership.join(name, "secret", "fed", 10, 0)
             self.ids[name] = m
+
+    def open_round(self, round_id):
+        selected = {m.node_id for m in self.ids.values()}
+        self.store.open_round(sorted(selected))
+        return self.keeper.open(round_id, 0, selected, 30.0, 1.0)
 
 
 @pytest.fixture
@@ -320,12 +327,13 @@ def _upload(coord, rnd, name, value):
     from orchestrator.rounds import Upload
     m = coord.ids[name]
     coord.keeper.begin_upload(m.node_id, rnd.round_id, rnd.model_version)
-    coord.keeper.finish_upload(rnd, Upload(m.node_id, torch.full((D,), value), 10, 4 * D, 0.0))
+    coord.store.claim(m.node_id).write(0, torch.full((D,), value).numpy().tobytes())
+    coord.keeper.finish_upload(rnd, Upload(m.node_id, 10, 4 * D, 0.0))
 
 
 def test_view_serves_only_honest_rows_once_they_arrived(view):
     coord, servicer, client = view
-    rnd = coord.keeper.open(3, 0, {m.node_id for m in coord.ids.values()}, 30.0, 1.0)
+    rnd = coord.open_round(3)
     _upload(coord, rnd, "honest-000", 1.0)
     threading.Timer(0.4, _upload, args=(coord, rnd, "honest-001", 2.0)).start()
     byz = coord.ids["byz-000"]
@@ -338,7 +346,7 @@ def test_view_serves_only_honest_rows_once_they_arrived(view):
 
 def test_view_refuses_wrong_token_honest_callers_and_closed_rounds(view):
     coord, servicer, client = view
-    rnd = coord.keeper.open(0, 0, {m.node_id for m in coord.ids.values()}, 30.0, 1.0)
+    rnd = coord.open_round(0)
     byz, honest = coord.ids["byz-000"], coord.ids["honest-000"]
     bad = AdversaryViewClient(client.address, "wrong")
     with pytest.raises(grpc.RpcError) as e:

@@ -13,7 +13,8 @@ import pytest
 
 from fednode.churn import Churn, ChurnError, ChurnSpec
 from fednode.slots import TrainSlots
-from orchestrator.churn import churn_json, idle_mode, launch_args
+from orchestrator.checks import idle_mode
+from orchestrator.launch import churn_json, launch_args
 from orchestrator.scenario import ScenarioError, from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -22,7 +22,7 @@ class Clock:
 
 
 def _upload(node: str) -> Upload:
-    return Upload(node, torch.zeros(3), 1, 12, 0.0)
+    return Upload(node, 1, 12, 0.0)
 
 
 def test_dropped_phase_is_inferred_from_what_the_orchestrator_saw():

@@ -60,7 +60,7 @@ def test_quorum_count():
 
 
 def _upload(node, d=3):
-    return Upload(node, torch.zeros(d), 1, 4 * d, 0.0)
+    return Upload(node, 1, 4 * d, 0.0)
 
 
 def test_round_keeper_checks_and_closes():

@@ -41,3 +41,34 @@ def test_overrides_apply_and_are_checked(tmp_path):
         load(p, ["federation.roundz=7"])
     with pytest.raises(ScenarioError, match="does not exist"):
         load(tmp_path / "missing.toml")
+
+
+def test_defense_and_f_pairs_that_can_never_work_are_refused_at_load():
+    from orchestrator.scenario import ScenarioError, from_dict
+
+    base = {"roles": [{"name": "h", "count": 10}]}
+    from_dict({**base, "defense": {"name": "krum", "f": 3}})  # 10 >= 2f + 3 = 9
+    with pytest.raises(ScenarioError, match=r"defense\.f = 4: defense 'krum' needs at least 11 updates"):
+        from_dict({**base, "defense": {"name": "krum", "f": 4}})
+    with pytest.raises(ScenarioError, match=r"defense\.f .*'bulyan' needs at least 15"):
+        from_dict({**base, "defense": {"name": "bulyan", "f": 3}})
+    # sample mode: the sample (with over-selection) bounds the rows, not the roster
+    with pytest.raises(ScenarioError, match="defense.f"):
+        from_dict({**base, "federation": {"selection": "sample", "sample_size": 5}, "defense": {"name": "krum", "f": 2}})
+    with pytest.raises(ScenarioError, match="unknown defense 'nosuch'"):
+        from_dict({**base, "defense": {"name": "nosuch"}})
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"training": {"algorithm": "fedprox", "params": {"mu": "x"}}}, "training.params"),
+    ({"training": {"algorithm": "fedprox", "params": {"mu": float("nan")}}}, "training.params"),
+    ({"training": {"algorithm": "fedavg", "params": {"nosuch": 1}}}, "training.params"),
+    ({"roles": [{"name": "h", "count": 10**12}]}, "roles[0].count"),
+    ({"federation": {"quorum": 1e300}}, "federation.quorum"),
+    ({"federation": {"quorum": 2.5}}, "federation.quorum"),
+])
+def test_values_the_loader_used_to_accept_are_refused_by_key(raw, key):
+    from orchestrator.scenario import ScenarioError, from_dict
+
+    with pytest.raises(ScenarioError, match=f"^{key.replace('[', '.').replace(']', '.')}"):
+        from_dict(raw)

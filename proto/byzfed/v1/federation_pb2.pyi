@@ -70,16 +70,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., received_round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("lease_seconds", "current_round", "selected", "shutdown")
+    __slots__ = ("lease_seconds", "current_round", "selected", "shutdown", "upload_nonce")
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_NONCE_FIELD_NUMBER: _ClassVar[int]
     lease_seconds: float
     current_round: int
     selected: bool
     shutdown: bool
-    def __init__(self, lease_seconds: _Optional[float] = ..., current_round: _Optional[int] = ..., selected: _Optional[bool] = ..., shutdown: _Optional[bool] = ...) -> None: ...
+    upload_nonce: str
+    def __init__(self, lease_seconds: _Optional[float] = ..., current_round: _Optional[int] = ..., selected: _Optional[bool] = ..., shutdown: _Optional[bool] = ..., upload_nonce: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("session", "reason")
@@ -114,7 +116,7 @@ class TensorHeader(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., num_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "round", "model_version", "deadline_unix", "train_json", "layout_hash", "weights")
+    __slots__ = ("kind", "round", "model_version", "deadline_unix", "train_json", "layout_hash", "weights", "upload_nonce")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[TaskHeader.Kind]
@@ -130,6 +132,7 @@ class TaskHeader(_message.Message):
     TRAIN_JSON_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_NONCE_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     round: int
     model_version: int
@@ -137,7 +140,8 @@ class TaskHeader(_message.Message):
     train_json: str
     layout_hash: str
     weights: TensorHeader
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., train_json: _Optional[str] = ..., layout_hash: _Optional[str] = ..., weights: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+    upload_nonce: str
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., train_json: _Optional[str] = ..., layout_hash: _Optional[str] = ..., weights: _Optional[_Union[TensorHeader, _Mapping]] = ..., upload_nonce: _Optional[str] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -148,20 +152,22 @@ class TaskChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("session", "round", "model_version", "layout_hash", "num_samples", "tensor")
+    __slots__ = ("session", "round", "model_version", "layout_hash", "num_samples", "tensor", "upload_nonce")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_NONCE_FIELD_NUMBER: _ClassVar[int]
     session: Session
     round: int
     model_version: int
     layout_hash: str
     num_samples: int
     tensor: TensorHeader
-    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+    upload_nonce: str
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., upload_nonce: _Optional[str] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")

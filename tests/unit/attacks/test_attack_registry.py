@@ -132,19 +132,32 @@ def test_data_contract(name):
     assert x2.shape == x.shape and y2.shape == y.shape and y2.dtype == y.dtype
 
 
+# The dependency-free helpers of the base layer that every package may use.
+SHARED_HELPERS = {"proto.registry", "proto.seeding"}
+
+
+def _absolute_imports(path: pathlib.Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module or "")
+    return names
+
+
 def test_attacks_package_imports_nothing_of_the_project():
-    """Architecture rule: attacks/ is pure torch/numpy (no proto, fednode, orchestrator)."""
+    """Architecture rule: attacks/ is pure torch/numpy (no fednode, orchestrator, and of
+    proto only the dependency-free proto.registry and proto.seeding)."""
     import attacks
+    import proto
 
     root = pathlib.Path(attacks.__file__).parent
     forbidden = {"proto", "fednode", "orchestrator"}
     for path in root.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module or ""]
-            else:
-                continue
-            for n in names:
-                assert n.split(".")[0] not in forbidden, f"{path.name} imports {n}"
+        for n in _absolute_imports(path):
+            assert n in SHARED_HELPERS or n.split(".")[0] not in forbidden, f"{path.name} imports {n}"
+    for helper in SHARED_HELPERS:  # and those helpers import nothing of the project
+        path = pathlib.Path(proto.__file__).parent / f"{helper.split('.')[1]}.py"
+        for n in _absolute_imports(path):
+            assert n.split(".")[0] not in forbidden | {"attacks"}, f"{helper} imports {n}"

@@ -132,15 +132,15 @@ def ref_rfa(x, weights=None, max_iter=100, nu=1e-6, tol=1e-6, clip=None):
     n = len(rows)
     a = [1.0 / n] * n if weights is None else [float(w) / float(sum(weights)) for w in weights]
     z = sum(ai * r for ai, r in zip(a, rows))
-    prev = None
     for _ in range(max_iter):
         dists = [vnorm(z - r) for r in rows]
-        obj = sum(ai * di for ai, di in zip(a, dists))
-        if prev is not None and abs(prev - obj) <= tol * obj:
-            break
-        prev = obj
         b = [ai / max(nu, di) for ai, di in zip(a, dists)]
-        z = sum(bi * r for bi, r in zip(b, rows)) / sum(b)
+        new = sum(bi * r for bi, r in zip(b, rows)) / sum(b)
+        moved = vnorm(new - z)
+        z = new
+        # Stop on a step small against the (lower) median distance, nu the floor.
+        if moved <= tol * max(statistics.median_low(dists), nu):
+            break
     return finish(z, clip, med)
 
 

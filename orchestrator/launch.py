@@ -1,0 +1,245 @@
+"""Launching node processes, in one place.
+
+:class:`NodeLaunch` turns a scenario's node into a :class:`NodeProcess`: the
+argv (``python -m fednode`` with the orchestrator address, name and token, the
+role's ``--behaviour`` and ``--churn`` JSON, and this machine's idle-mode and
+training-slot options), the environment (a fixed secret for nodes that rejoin
+or restart, so they get their node id back) and the restart policy
+(``restart_after_seconds``). The local runner uses it, and so will the node
+hosts of an ``mpirun`` job. :class:`ChildProcesses` starts descriptions and
+stops them by PID only (SIGTERM, then SIGKILL); :class:`Restarter` starts a
+node that died by a signal again after its role's delay.
+
+Churn keys carried out on the node side live in ``fednode/churn.py`` (crashes
+by SIGKILL at a phase, latency, stragglers) and ``fednode/slots.py`` (training
+slots); drop-out, graceful leave, late join and rejoin are Byzantine-behaviour
+keys (``fednode/byzantine.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .checks import idle_mode
+from .scenario import RoleSection, Scenario
+
+log = logging.getLogger("orchestrator.launch")
+
+NODE_CHURN_KEYS = ("crash_phase", "crash_probability", "crash_at_round", "latency_ms", "slowdown", "train_delay_s")
+_DEFAULTS = {"crash_phase": "", "crash_probability": 0.0, "crash_at_round": -1, "latency_ms": 0.0, "slowdown": 1.0,
+             "train_delay_s": 0.0}
+
+
+@dataclass(frozen=True)
+class NodeProcess:
+    """One node process: what to run, in which environment, where it logs, when to restart it."""
+
+    name: str
+    key: str
+    """Under which name the process is tracked (``name@rejoin`` for a second life)."""
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    log: Optional[Path] = None
+    restart_after: float = -1.0
+    """Seconds after a death by a signal to start it again (-1: never)."""
+
+
+def behaviour_json(role: RoleSection, seed: int, extra: Optional[dict] = None) -> Optional[str]:
+    """The node-side behaviour of a role (attack, schedule, churn), or None for a plain honest node.
+    ``extra``: what the run gives its Byzantine nodes (``ByzantineSupport.behaviour_extra``)."""
+    if not (role.byzantine or role.leave_at_round >= 0 or role.dropout > 0):
+        return None
+    return json.dumps({"byzantine": role.byzantine, "attack": role.attack, "attack_params": role.attack_params,
+                       "schedule": role.schedule, "knowledge": role.knowledge, "leave_at_round": role.leave_at_round,
+                       "rejoin_at_round": role.rejoin_at_round, "dropout": role.dropout, "seed": seed,
+                       **(extra or {})})
+
+
+def churn_json(role: RoleSection, seed: int) -> Optional[str]:
+    """The node's ``--churn`` JSON (``fednode.churn.ChurnSpec``), or None when the role has none."""
+    spec = {k: getattr(role, k) for k in NODE_CHURN_KEYS if getattr(role, k) != _DEFAULTS[k]}
+    if not spec:
+        return None
+    return json.dumps({**spec, "seed": seed})
+
+
+def launch_args(s: Scenario, run_dir: Path) -> list[str]:
+    """Options of every node a launcher starts on this machine: idle mode, training slots,
+    and ``--behaviour-checked`` (the scenario loader already checked each Byzantine role)."""
+    from fednode.slots import default_slots
+
+    slots = s.federation.train_slots or default_slots()
+    return ["--idle", idle_mode(s), "--train-slots", str(slots), "--slot-dir", str(run_dir / "train-slots"),
+            "--behaviour-checked"]
+
+
+def restartable(role: RoleSection) -> bool:
+    return role.restart_after_seconds >= 0
+
+
+def node_argv(address: str, name: str, token: str, role: RoleSection, scenario: Scenario,
+              extra: Optional[dict] = None) -> list[str]:
+    """``python -m fednode`` for one node of ``scenario`` (without this machine's options)."""
+    argv = [sys.executable, "-m", "fednode", "--orchestrator", address, "--name", name, "--token", token]
+    if scenario.data.data_dir:
+        argv += ["--data-dir", scenario.data.data_dir]
+    b = behaviour_json(role, scenario.seed, extra)
+    if b:
+        argv += ["--behaviour", b]
+    c = churn_json(role, scenario.seed)
+    if c:
+        argv += ["--churn", c]
+    return argv
+
+
+class NodeLaunch:
+    """The :class:`NodeProcess` of each node of one run, dialing ``address`` with ``token``.
+    ``extra(name, role)``: what the run adds to a Byzantine node's behaviour (collusion
+    service, adversary view, defense)."""
+
+    def __init__(self, scenario: Scenario, address: str, token: str, run_dir: Path,
+                 extra: Callable[[str, RoleSection], dict[str, Any]] = lambda name, role: {}) -> None:
+        self.s, self.address, self.token, self.run_dir, self.extra = scenario, address, token, run_dir, extra
+        self.roles = dict(scenario.node_roles())
+        self._options = launch_args(scenario, run_dir)
+        self._secrets = {n: secrets.token_hex(16) for n, r in self.roles.items()
+                         if r.rejoin_at_round > 0 or restartable(r)}
+
+    def describe(self, name: str, key: Optional[str] = None) -> NodeProcess:
+        role = self.roles[name]
+        env = {"BYZFED_NODE_SECRET": self._secrets[name]} if name in self._secrets else {}
+        argv = node_argv(self.address, name, self.token, role, self.s, self.extra(name, role)) + self._options
+        return NodeProcess(name, key or name, tuple(argv), env, self.run_dir / "nodes" / f"{name}.log",
+                           role.restart_after_seconds)
+
+    def schedule(self) -> tuple[list[str], list[tuple[str, float, str, str]], dict[int, set[str]]]:
+        """When each node starts: ``(now, late, await_joiners)``. ``late``: ``(kind, at, name, key)``
+        with kind ``round`` (join_at_round, rejoin_at_round) or ``seconds`` (join_after_seconds);
+        ``await_joiners``: the names the orchestrator waits for before selecting each round."""
+        now: list[str] = []
+        late: list[tuple[str, float, str, str]] = []
+        waits: dict[int, set[str]] = {}
+        for name, role in self.roles.items():
+            if role.join_at_round > 0:
+                late.append(("round", role.join_at_round, name, name))
+                waits.setdefault(role.join_at_round, set()).add(name)
+            elif role.join_after_seconds > 0:
+                late.append(("seconds", role.join_after_seconds, name, name))
+            else:
+                now.append(name)
+            if role.rejoin_at_round > 0:  # same secret, so the orchestrator gives back the same node id
+                late.append(("round", role.rejoin_at_round, name, f"{name}@rejoin"))
+                waits.setdefault(role.rejoin_at_round, set()).add(name)
+        return now, late, waits
+
+
+class ChildProcesses:
+    """Processes this launcher started, stopped by PID only."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.described: dict[str, NodeProcess] = {}
+        self._lock = threading.Lock()
+
+    def start(self, proc: NodeProcess) -> subprocess.Popen:
+        return self.spawn(proc.key, list(proc.argv), proc.log, proc.env, proc)
+
+    def spawn(self, name: str, argv: list[str], log_path: Optional[Path], env: Optional[dict] = None,
+              described: Optional[NodeProcess] = None, cwd: Optional[Path] = None) -> subprocess.Popen:
+        out = subprocess.DEVNULL
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_path, "ab")
+        try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **(env or {})}, cwd=cwd)
+        finally:
+            if log_path is not None:
+                out.close()
+        with self._lock:
+            self.procs[name] = proc
+            if described is not None:
+                self.described[name] = described
+        return proc
+
+    def snapshot(self) -> dict[str, subprocess.Popen]:
+        with self._lock:
+            return dict(self.procs)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        with self._lock:
+            proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, sig)
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        with self._lock:
+            procs = list(self.procs.values())
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        end = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+
+class Restarter:
+    """Starts crashed nodes again (their description's ``restart_after``). A node counts as
+    crashed when its process died by a signal (negative return code); one that exited by
+    itself (left, refused to start, shut down) is not restarted. A node that broke its
+    upload stream is out of that round (one attempt per round); one that crashed before
+    uploading may be offered the still-open round again, and a per-round crash decision then
+    repeats: a device that keeps crashing, until the round ends."""
+
+    def __init__(self, children: ChildProcesses, start: Callable[[str, str], None], stop: threading.Event,
+                 poll: float = 0.2) -> None:
+        self.children = children
+        self.start = start  # start(name, key)
+        self.stop = stop
+        self.poll = poll
+        self.restarts: dict[str, int] = {}
+        self._due: dict[str, tuple[float, str]] = {}  # name -> (when, key)
+        self._handled: set[int] = set()  # pids of dead processes already scheduled
+
+    def begin(self) -> threading.Thread:
+        t = threading.Thread(target=self._loop, name="crash-restarter", daemon=True)
+        t.start()
+        return t
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.poll):
+            now = time.monotonic()
+            described = self.children.described
+            for key, proc in self.children.snapshot().items():
+                d = described.get(key)
+                if d is None or d.restart_after < 0 or proc.pid in self._handled or proc.poll() is None \
+                        or proc.returncode >= 0:
+                    continue
+                self._handled.add(proc.pid)
+                self._due[d.name] = (now + d.restart_after, key)
+                log.info("%s died by signal %d; restarting in %.1fs", d.name, -proc.returncode, d.restart_after)
+            for name, (at, key) in list(self._due.items()):
+                if now >= at and not self.stop.is_set():
+                    del self._due[name]
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    self.start(name, key)  # replaces the dead process under the same key
