@@ -10,12 +10,13 @@ more roster members are processes of this script:
 * ``hostile-000`` (with load only): one process that keeps ``--streams`` idle
   ``PushUpdate`` streams open (no header, so no token: re-opened whenever the server
   cuts one) and, as an authenticated member, ``--polls`` concurrent ``GetTask``
-  long-polls that it never reads past their first message (it still uploads a zero
-  update for each round it sees, so rounds can complete).
+  long-polls, re-opened 0.5 s after each ends, that it never reads past their first
+  message (held up to 20 s, then cancelled), except one per round: it reads that task
+  and uploads a zero update, so rounds can complete.
 
 Every process is stopped by PID; every loop is bounded in count and time.
 
-    ./launch.sh bench hostile [--rounds 4] [--streams 1000] [--polls 50] [--json out.json]
+    ./launch.sh bench hostile [--rounds 100] [--streams 1000] [--polls 50] [--json out.json]
 
 The script uses only interfaces that exist before and after the ``grpc.aio`` server
 (``tests.integration.harness``, ``servicer.serve``, ``fednode.client``), so the same
@@ -46,6 +47,9 @@ sys.path.insert(0, os.getcwd())  # an older checkout when run from it
 
 SCRIPT = Path(__file__).resolve()
 HONEST = 6
+HOLD = 20.0
+"""How long the hostile member holds a task stream it does not read (the server cuts it after
+its ``idle_seconds``, 15 s by default), before it cancels it."""
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -238,17 +242,21 @@ async def _hostile(address, name, token, streams, polls, seconds, out, channels,
                     first = await call.read()
                     if first is not grpc.aio.EOF and first.header.kind == pb.TaskHeader.TRAIN \
                             and first.header.round not in uploaded:
+                        # the one poll per round it takes part with: read to its end, upload a zero update
                         uploaded.add(first.header.round)
                         loop.create_task(upload(first.header))
-                    # never read the rest: wait for the server to end (or cut) the call
-                    code = await asyncio.wait_for(call.code(), max(0.1, left()))
+                        while await call.read() is not grpc.aio.EOF:
+                            pass
+                        code = await call.code()
+                    else:  # never read the rest: hold it until the server ends (or cuts) it, for at most HOLD s
+                        code = await asyncio.wait_for(call.code(), max(0.1, min(HOLD, left())))
                     stats["poll_ends"][code.name] += 1
                 except asyncio.TimeoutError:
                     call.cancel()
-                    stats["poll_ends"]["held to the end"] += 1
+                    stats["poll_ends"]["held, then cancelled"] += 1
                 except grpc.RpcError as e:
                     stats["poll_ends"][e.code().name] += 1
-                await asyncio.sleep(float(os.environ.get("HOSTILE_PAUSE", "0.5")))
+                await asyncio.sleep(0.5)
 
         tasks.append(loop.create_task(heartbeats()))
         tasks += [loop.create_task(long_poll()) for _ in range(polls)]
@@ -336,10 +344,16 @@ def run_federation(run_dir: Path, rounds: int, streams: int, polls: int, budget:
                 stats = getattr(fed.server, "stats", None)
                 while stats and time.monotonic() < end and stats().get("unauthenticated_open", 0) < 0.95 * streams:
                     time.sleep(0.2)
+                if stats is None:  # (an older server counts nothing: give the streams time to open)
+                    time.sleep(5.0)
             procs.append((spawn("probe", fed.address, fed.token, probe_out, budget, name="probe-000"), probe_out))
             for name in [n for n, _ in s.node_roles() if n.startswith("honest")]:
                 fed.start_node(name)
-            fed.wait(timeout=budget)
+            try:
+                fed.wait(timeout=max(10.0, budget - (time.monotonic() - t0)))
+                finished = True
+            except AssertionError:  # the run did not finish within the budget (the old threaded server)
+                finished = False
         finally:
             results = {out.name: stop(p, out) for p, out in reversed(procs)}
     wall = time.monotonic() - t0
@@ -348,7 +362,7 @@ def run_federation(run_dir: Path, rounds: int, streams: int, polls: int, budget:
     lat = [x for _, x in probe.get("latencies", [])]
     hs = results.get("hostile.json", {})
     return {
-        "hostile": hostile, "rounds": len(rows), "rounds_complete": sum(r.get("outcome") == "complete" for r in rows),
+        "hostile": hostile, "finished": finished, "rounds": len(rows), "rounds_complete": sum(r.get("outcome") == "complete" for r in rows),
         "outcomes": [r.get("outcome") for r in rows], "reported": [r.get("reported") for r in rows],
         "evicted": sorted({n for r in rows for n in r.get("evicted", [])}),
         "t_collect": [r.get("t_collect") for r in rows],
@@ -377,9 +391,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if role == "hostile":
             sp.add_argument("--streams", type=int, default=1000)
             sp.add_argument("--polls", type=int, default=50)
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--polls", type=int, default=50)
+    p.add_argument("--budget", type=float, default=300.0, help="seconds each federation run may take")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.cmd == "probe":
@@ -389,9 +404,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, streams, polls in (("baseline", 0, 0), ("hostile", args.streams, args.polls)):
-            res = run_federation(Path(tmp) / label, args.rounds, streams, polls)
+            res = run_federation(Path(tmp) / label, args.rounds, streams, polls, budget=args.budget)
             out[label] = res
-            print(f"{label:9s}: rounds complete {res['rounds_complete']}/{res['rounds']} "
+            print(f"{label:9s}: {'' if res['finished'] else 'DID NOT FINISH in the budget; '}"
+                  f"rounds complete {res['rounds_complete']}/{res['rounds']} "
                   f"(reported {res['reported']}), evicted {res['evicted'] or 'none'}; "
                   f"probe heartbeats {res['heartbeats']}: p50 {res['heartbeat_p50_ms']} ms, "
                   f"p99 {res['heartbeat_p99_ms']} ms, max {res['heartbeat_max_ms']} ms, "

@@ -234,7 +234,7 @@ class FederationClient:
             reply = self.heartbeat()
         except grpc.RpcError:
             return  # the upload itself reports what is wrong
-        if reply.upload_nonce and reply.current_round == round_id:
+        if reply.upload_nonce:  # (the nonce of the one round open to this node: another round is refused anyway)
             self.remember_nonce(round_id, model_version, reply.upload_nonce)
 
     def push_raw(self, header: pb.UpdateHeader, chunks: Iterable[bytes], timeout: float = 600.0) -> pb.PushUpdateReply:

@@ -701,15 +701,6 @@ class FederationServicer:
                 session.abort("invalid")
                 raise Refusal("invalid", "a second header inside one upload")
             session.add(msg.data)
-        if session.short:
-            import os as _os
-            if _os.environ.get("BYZFED_DEBUG_EOF"):
-                log.warning("DEBUG EOF short: received %d of %d, cancelled=%s done=%s", session.received,
-                            session._asm.header.num_bytes, context.cancelled(), context.done())
-                _t0 = time.monotonic()
-                def _cb(ctx, _t0=_t0):
-                    log.warning("DEBUG done %.3f s after EOF", time.monotonic() - _t0)
-                context.add_done_callback(_cb)
         if session.short and await _client_gone(context):
             session.abort("broken_stream")
             raise Refusal("broken_stream", "the upload stream broke off")
@@ -720,9 +711,21 @@ class FederationServicer:
 
 async def _client_gone(context, wait: float = 0.5) -> bool:
     """Whether a stream that ended early was cut by the client's death rather than closed
-    on purpose: a dead client's call is cancelled within moments (the end of its stream can
-    be seen a little before the cancellation; then this coroutine is cancelled too), a live
-    one waits for its answer."""
+    on purpose. The end of a dead client's stream can be seen before its call is cancelled
+    (or, when nothing is sent to it, instead): so send it something (the initial metadata,
+    which a live client awaiting its answer accepts) and then wait a moment for a
+    cancellation. A cancellation of this very call raises out of here (the caller treats
+    that as a broken stream too)."""
+    if context.cancelled() or context.done():
+        return True
+    try:
+        await asyncio.wait_for(context.send_initial_metadata(()), 4 * wait)
+    except asyncio.TimeoutError:
+        return True
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # (gRPC's ExecuteBatchError: the transport is gone)
+        return True
     end = time.monotonic() + wait
     while time.monotonic() < end:
         if context.cancelled() or context.done():
@@ -807,8 +810,15 @@ class Server:
         return bound
 
     def stats(self) -> dict[str, Any]:
-        """The admission counters (open calls, limit events), read from any thread."""
-        return self.servicer.admission.snapshot() if self.servicer is not None else {}
+        """The admission counters (open calls, limit events); from any thread (read on the loop)."""
+        if self.servicer is None or self._stopped.is_set():
+            return {}
+        if threading.current_thread() is self._thread:
+            return self.servicer.admission.snapshot()
+
+        async def snap() -> dict[str, Any]:
+            return self.servicer.admission.snapshot()
+        return asyncio.run_coroutine_threadsafe(snap(), self.loop).result(10)
 
     def stop(self, grace: Optional[float] = None) -> threading.Event:
         if threading.current_thread() is self._thread:  # (from a call's handler: stop without waiting)

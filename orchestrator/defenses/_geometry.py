@@ -256,29 +256,22 @@ def _accumulate_gram(buf: torch.Tensor, n: int, acc: torch.Tensor) -> None:
 
     MKL's product of a block with itself runs at its best for row counts that
     are multiples of 8 and slowly in between (on the 2-core VM of BENCHMARKS.md,
-    20 rows take 1.27x the time of 16 rows per entry, 21 rows 1.7x): on CPU
-    the rows split into a multiple of 16 and the rest (0.82x the time at 20 rows,
-    0.91x at 50, 0.92x at 100; the block is in cache for the three products),
-    and the few points after row ``n`` (extra, origin) are matrix-vector products.
+    20 rows take 1.27x the time of 16 rows per entry, 21 rows 1.7x), so on CPU
+    the rows split into a multiple of 16 and the rest (extra points and the
+    origin included): three products on a block that stays in cache, 0.82x the
+    time at 20 rows, 0.91x at 50, 0.92x at 100, 0.83x at 101.
     """
-    z = buf[:n]
-    h = (n // 16) * 16
-    if buf.device.type == "cpu" and h and n % 8:
-        head, tail = z[:h], z[h:]
-        acc[:h, :h].add_(head @ head.T)
+    m = buf.shape[0]
+    h = (m // 16) * 16 if buf.device.type == "cpu" and m % 8 else m
+    h = h or m
+    head = buf[:h]
+    acc[:h, :h].add_(head @ head.T)
+    if h < m:
+        tail = buf[h:]
         cross = head @ tail.T
-        acc[:h, h:n].add_(cross)
-        acc[h:n, :h].add_(cross.T)
-        acc[h:n, h:n].add_(tail @ tail.T)
-    else:
-        acc[:n, :n].add_(z @ z.T)
-    k = buf.shape[0] - n
-    if k:
-        e = buf[n:]
-        ze = torch.mv(z, e[0])[:, None] if k == 1 else z @ e.T
-        acc[:n, n:].add_(ze)
-        acc[n:, :n].add_(ze.T)
-        acc[n:, n:].add_(e @ e.T)
+        acc[:h, h:].add_(cross)
+        acc[h:, :h].add_(cross.T)
+        acc[h:, h:].add_(tail @ tail.T)
 
 
 def _row_bounds(rows: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,7 @@ def median_1d(v: torch.Tensor) -> torch.Tensor:
     """Median of a small 1-D tensor, averaging the two middle values for even length."""
     s = torch.sort(v).values
     n = s.numel()
-    return (s[(n - 1) // 2] + s[n // 2]) * 0.5
+    return s[(n - 1) // 2] * 0.5 + s[n // 2] * 0.5
 
 
 def column_median(x: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
@@ -222,7 +222,8 @@ def column_median(x: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
         if lo == hi:
             out[cols] = r[lo]
         else:
-            torch.add(r[lo], r[hi], out=out[cols]).mul_(0.5)
+            # Halves first: (a + b) / 2 overflows for two values near the float32 maximum.
+            torch.mul(r[lo], 0.5, out=out[cols]).add_(r[hi], alpha=0.5)
 
     map_sorted_columns(x, fn, rows=rows, scale=scale, absolute=absolute, need=(lo, hi))
     return out
