@@ -406,16 +406,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         for label, streams, polls in (("baseline", 0, 0), ("hostile", args.streams, args.polls)):
             res = run_federation(Path(tmp) / label, args.rounds, streams, polls, budget=args.budget)
             out[label] = res
+            rep = sorted(set(res["reported"]))
             print(f"{label:9s}: {'' if res['finished'] else 'DID NOT FINISH in the budget; '}"
-                  f"rounds complete {res['rounds_complete']}/{res['rounds']} "
-                  f"(reported {res['reported']}), evicted {res['evicted'] or 'none'}; "
+                  f"rounds complete {res['rounds_complete']}/{res['rounds']} (reported per round: "
+                  f"{'-'.join(map(str, rep[::max(1, len(rep) - 1)])) or 'none'}), evicted {res['evicted'] or 'none'}; "
                   f"probe heartbeats {res['heartbeats']}: p50 {res['heartbeat_p50_ms']} ms, "
                   f"p99 {res['heartbeat_p99_ms']} ms, max {res['heartbeat_max_ms']} ms, "
-                  f"failures {res['heartbeat_failures'] or 'none'}", flush=True)
+                  f"failures {res['heartbeat_failures'] or 'none'}; {res['wall_seconds']} s", flush=True)
             if streams or polls:
                 hc = res["hostile_client"]
-                print(f"           hostile: idle upload streams open at each round's start "
-                      f"{[x.get('unauthenticated_open') for x in res['server_at_round_open']]} "
+                opens = [x.get("unauthenticated_open") for x in res["server_at_round_open"] if x]
+                print(f"           hostile: headerless upload streams open at the rounds' starts "
+                      f"{f'{min(opens)}-{max(opens)}' if opens else '(not counted by this server)'} "
                       f"(client: opened {hc.get('streams_opened')}, at most {hc.get('streams_open_max')} at once, "
                       f"ends {hc.get('stream_ends')}); long-polls opened {hc.get('polls_opened')}, "
                       f"ends {hc.get('poll_ends')}; hostile uploads {hc.get('uploads')}", flush=True)

@@ -72,8 +72,8 @@ def test_30_percent_of_selected_nodes_sigkilled_mid_upload_each_round(tmp_path):
 
 
 def test_deadline_closes_a_round_with_quorum_and_the_straggler_is_refused_late(tmp_path):
-    s = scenario(federation={"rounds": 3, "round_timeout": 6.0, "quorum": 0.5},
-                 roles=[{"name": "fast", "count": 3}, {"name": "slow", "count": 1, "train_delay_s": 7.0}])
+    s = scenario(federation={"rounds": 3, "round_timeout": 9.0, "quorum": 0.5},  # round 0 includes warm-up
+                 roles=[{"name": "fast", "count": 3}, {"name": "slow", "count": 1, "train_delay_s": 10.0}])
     _, rows = run(s, tmp_path)
     for r in rows:
         assert r["outcome"] == "deadline" and "slow-000" in r["missing"], r
