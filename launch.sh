@@ -5,6 +5,11 @@
 #   ./launch.sh run SCENARIO.toml [--set key=value ...]
 #   ./launch.sh orchestrator SCENARIO.toml [--host H] [--port P] [--advertise-host A] [--token T]   orchestrator only
 #   ./launch.sh node --orchestrator HOST:PORT --name NAME --token T            one client node
+#   ./launch.sh mpi -np N [--hostfile FILE] [-- extra mpirun args] SCENARIO.toml [--set key=value ...]
+#       one mpirun runs the federation: rank 0 orchestrator, ranks 1..W-1 aggregation
+#       (W = aggregation.ranks), the rest node hosts (README: "Running across machines with mpirun")
+#   ./launch.sh sweep SWEEP.toml [--out DIR] [--parallel K] [--resume]
+#       a grid of runs (README: "Sweeps and reports"): DIR/results.csv, DIR/report.md
 #   ./launch.sh defenses | attacks | check SCENARIO.toml | setup | bench NAME
 # Processes are started with exec or by the Python runner, which stops its
 # children by PID; this script kills nothing by name.
@@ -48,9 +53,38 @@ case "$cmd" in
   node)
     setup
     exec "$PY" -m fednode "$@" ;;
+  mpi)
+    setup
+    usage="usage: ./launch.sh mpi -np N [--hostfile FILE] [-- extra mpirun args] SCENARIO.toml [--set key=value ...]"
+    MPIRUN="$VENV/bin/mpirun"
+    [ -x "$MPIRUN" ] || MPIRUN="$(command -v mpirun)" || { echo "no mpirun (pip install -e '.[mpi]')" >&2; exit 2; }
+    np=""; opts=(); extra=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        -np|-n|--np) [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }; np="$2"; shift 2 ;;
+        --hostfile|-hostfile|--machinefile) [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }; opts+=(--hostfile "$2"); shift 2 ;;
+        --)  # mpirun's own options, up to a second -- or the scenario file
+          shift
+          while [ $# -gt 0 ] && [ "$1" != "--" ] && [[ "$1" != *.toml ]]; do extra+=("$1"); shift; done
+          [ "${1:-}" = "--" ] && shift ;;
+        *) break ;;
+      esac
+    done
+    [ -n "$np" ] && [ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
+    [ "$(id -u)" = 0 ] && opts+=(--allow-run-as-root)
+    # a node host killed takes only its nodes with it (without this Open MPI ends the job);
+    # node hosts are not pinned to a core (their nodes inherit the binding), ranks follow the hostfile's slots
+    opts+=(--oversubscribe --enable-recovery)
+    [[ " ${extra[*]:-} " == *" --bind-to "* ]] || opts+=(--bind-to none)
+    [[ " ${extra[*]:-} " == *" --map-by "* ]] || opts+=(--map-by slot)
+    exec "$MPIRUN" -np "$np" "${opts[@]}" ${extra[@]+"${extra[@]}"} "$PY" -m orchestrator mpi "$@" ;;
   check)
     setup
     exec "$PY" -m orchestrator check "$@" ;;
+  sweep)
+    setup
+    [ $# -ge 1 ] || { echo "usage: ./launch.sh sweep SWEEP.toml [--out DIR] [--parallel K] [--resume]" >&2; exit 2; }
+    exec "$PY" -m orchestrator sweep "$@" ;;
   defenses)
     setup
     exec "$PY" -m orchestrator defenses ;;
@@ -68,7 +102,7 @@ case "$cmd" in
     cd "$ROOT"
     exec "$PY" -m pytest -q "$@" ;;
   -h|--help|help)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     echo "unknown command '$cmd'; try ./launch.sh help" >&2; exit 2 ;;
 esac

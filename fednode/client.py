@@ -180,7 +180,8 @@ class FederationClient:
         self.stub.Leave(pb.LeaveRequest(session=self._session_pb(), reason=reason), timeout=timeout)
 
     def get_task(self, wait_seconds: float = 10.0, timeout: float = 600.0) -> Task:
-        stream = self.stub.GetTask(pb.GetTaskRequest(session=self._session_pb(), wait_seconds=wait_seconds),
+        # tasks come from the node's ingest endpoint (its aggregation rank), like uploads go to it
+        stream = self._upload_stub.GetTask(pb.GetTaskRequest(session=self._session_pb(), wait_seconds=wait_seconds),
                                    timeout=wait_seconds + timeout)
         first = next(stream)
         h = first.header

@@ -128,11 +128,12 @@ class Node:
     def _backoff(self) -> Backoff:
         return Backoff(self.cfg.min_backoff, self.cfg.max_backoff, self.rng)
 
-    def _retry(self, what: str, fn):
+    def _retry(self, what: str, fn, until: Optional[threading.Event] = None):
         """``fn()``, retried with back-off while the orchestrator is unreachable (at most
         ``give_up_after`` seconds, then the error is raised); one warning when the outage
         starts and one line when it ends, whatever the number of attempts. None when
-        the node is stopping."""
+        the node is stopping. ``until``: stop retrying (raise) once it is set (e.g. the
+        node must re-join: its ingest rank left the aggregation group)."""
         backoff, first_failure, failures = self._backoff(), None, 0
         while not self.stop.is_set():
             try:
@@ -140,7 +141,7 @@ class Node:
             except grpc.RpcError as e:
                 if self.stop.is_set():
                     return None
-                if e.code() not in RETRY_CODES:
+                if e.code() not in RETRY_CODES or (until is not None and until.is_set()):
                     raise
                 failures += 1
                 now = time.monotonic()
@@ -261,9 +262,10 @@ class Node:
                 if self._need_rejoin.is_set():
                     self.join()
                 try:
-                    task = self._retry("get task", lambda: self.client.get_task(wait_seconds=10.0))
+                    task = self._retry("get task", lambda: self.client.get_task(wait_seconds=10.0),
+                                       until=self._need_rejoin)
                 except grpc.RpcError as e:
-                    if e.code() in REJOIN_CODES:
+                    if e.code() in REJOIN_CODES or self._need_rejoin.is_set():
                         self._need_rejoin.set()
                         continue
                     raise

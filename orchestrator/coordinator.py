@@ -27,10 +27,12 @@ from proto.seeding import generator
 from . import checkpoint
 from .async_mode import AsyncKeeper
 from .collective import AggregationGroup, pick_device
+from .group import GroupError
 from .defenses import build_defense
 from .drivers import AsyncRounds, SyncRounds
 from .errors import Refusal
 from .evaluate import evaluate
+from .identity import SessionKeys
 from .ingest import Ingest
 from .membership import Membership
 from .metrics import MetricsWriter
@@ -77,8 +79,14 @@ def trim_heap() -> None:
 
 class Coordinator:
     def __init__(self, scenario: Scenario, run_dir: Path, federation_token: str,
-                 on_event: Optional[Callable[[str, dict], None]] = None) -> None:
+                 on_event: Optional[Callable[[str, dict], None]] = None, *, keys: Optional[SessionKeys] = None,
+                 rank: int = 0, group: Optional[AggregationGroup] = None) -> None:
+        """``keys``: the run's session keys (the group's, shared by its ranks; new ones by
+        default). ``rank`` and ``group``: this process's place in the aggregation group
+        (``group.py``); rank 0 leads, another rank is an ingest endpoint that follows."""
         self.s = scenario
+        self.rank = rank
+        self.keys = keys or SessionKeys()
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.on_event = on_event or (lambda kind, info: None)
@@ -92,17 +100,30 @@ class Coordinator:
         self.layout_json = self.layout.to_json()
         self.layout_hash = self.layout.hash()
         self.device = pick_device(scenario.aggregation.device)
-        self.group = AggregationGroup(None)
+        self.group = group or AggregationGroup(None)
+        self.leader = None
+        """``group.Leader`` on rank 0 of a group of several ranks (set by the runner)."""
+        self.owners: dict[str, int] = {}
+        """node -> the aggregation rank that ingests its uploads (the open round's selection)."""
         self.model = GlobalModel(self.layout.flatten(self.eval_model.state_dict()).clone())
         fed = scenario.federation
-        self.membership = Membership(federation_token, fed.lease_seconds)
+        self.roster = {name: (i, role) for i, (name, role) in enumerate(scenario.node_roles())}
+        self._ids = {i: self.keys.node_id(i, name) for name, (i, _) in self.roster.items()}
+        self._names = {self._ids[i]: name for name, (i, _) in self.roster.items()}
+        if rank == 0:
+            self.membership = Membership(federation_token, fed.lease_seconds, keys=self.keys,
+                                         index_of=lambda name: self.roster[name][0])
+        else:
+            from .group import RankMembership
+            self.membership = RankMembership(self.keys, {i: name for name, (i, _) in self.roster.items()},
+                                             fed.lease_seconds, rank)
         self.keeper: RoundKeeper | AsyncKeeper = (
-            AsyncKeeper(fed.buffer_size, fed.max_staleness, fed.round_timeout) if fed.mode == "async" else RoundKeeper())
+            AsyncKeeper(fed.buffer_size, fed.max_staleness, fed.round_timeout) if fed.mode == "async"
+            else RoundKeeper(nonce_fn=self.keys.nonce))
         self.store = RowStore(self.layout.d)
-        self.ingest = Ingest(self.keeper, self.store, self.layout.d)
+        self.ingest = Ingest(self.keeper, self.store, self.layout.d, elsewhere=self._elsewhere)
         self._started = time.monotonic()
         steady_heap()
-        self.roster = {name: (i, role) for i, (name, role) in enumerate(scenario.node_roles())}
         shards = partition(self.dataset.train_y, len(self.roster), data.partition, data.alpha, scenario.seed)
         self.assigned_counts = {name: len(shards[i]) for name, (i, _) in self.roster.items()}
         """The size of the shard each node is assigned: the most samples it may claim."""
@@ -151,20 +172,42 @@ class Coordinator:
             return self._payload[1]
 
     def open_round(self, round_id: int, selected: set[str], timeout: float, quorum: float, target: int = 0) -> Round:
-        """Open a synchronous round: its rows first, then the ledger (no upload can come earlier)."""
-        self.store.open_round(sorted(selected))
-        return self.keeper.open(round_id, self.model.version, set(selected), timeout, quorum, target=target)
+        """Open a synchronous round: its rows first, then the ledger (no upload can come
+        earlier), then (several ranks) the other ranks' part of it."""
+        if self.leader is None:
+            self.store.open_round(sorted(selected))
+            return self.keeper.open(round_id, self.model.version, set(selected), timeout, quorum, target=target)
+        self.owners = {n: self.leader.owner(n) for n in selected}
+        self.store.open_round(sorted(n for n in selected if self.owners[n] == 0))
+        rnd = self.keeper.open(round_id, self.model.version, set(selected), timeout, quorum, target=target)
+        self.leader.open(rnd)
+        return rnd
+
+    def _elsewhere(self, node_id: str) -> Optional[str]:
+        """Why ``node_id`` may not upload to this rank (it is assigned another), or None."""
+        r = self.owners.get(node_id)
+        if r is None or r == self.rank:
+            return None
+        return (f"node {node_id} uploads to aggregation rank {r} (the ingest address its Join answered), "
+                f"not to rank {self.rank}")
+
+    def node_id_of_index(self, index: int) -> str:
+        return self._ids[index]
+
+    def ingest_address_for(self, node_id: str) -> str:
+        """The ingest address a joining node is handed (its rank's, with several ranks)."""
+        return self.ingest_address if self.leader is None else self.leader.ingest_address_for(node_id)
 
     def use_layout(self, layout: Layout, weights: torch.Tensor) -> None:
         """Serve another model layout (benchmarks and tests of synthetic sizes); before any node joins."""
         self.layout, self.layout_json, self.layout_hash = layout, layout.to_json(), layout.hash()
         self.model = GlobalModel(weights)
         self.store = RowStore(layout.d)
-        self.ingest = Ingest(self.keeper, self.store, layout.d)
+        self.ingest = Ingest(self.keeper, self.store, layout.d, elsewhere=self._elsewhere)
 
     def name_of(self, node_id: str) -> str:
         m = self.membership.get(node_id)
-        return m.name if m else node_id
+        return m.name if m else self._names.get(node_id, node_id)
 
     def generator(self, round_id: int, purpose: str) -> torch.Generator:
         """The seeded generator of one (round, purpose): ``select`` or ``defense`` (``proto.seeding``)."""
@@ -218,13 +261,18 @@ class Coordinator:
         driver = AsyncRounds(self) if fed.mode == "async" else SyncRounds(self)
         try:
             while self.round_id < fed.rounds and not self.shutdown.is_set():
-                driver.step()
+                try:
+                    driver.step()
+                except GroupError as e:
+                    self._group_failed(e)
                 trim_heap()
                 self.round_id += 1
                 if self.s.output.checkpoint_every and self.round_id % self.s.output.checkpoint_every == 0:
                     self._checkpoint()
         finally:
             self.shutdown.set()
+            if self.leader is not None:
+                self.leader.stop()
             if isinstance(self.keeper, AsyncKeeper):
                 self.keeper.close()
             self.keeper.notify()
@@ -234,6 +282,26 @@ class Coordinator:
         if self.s.output.plot:
             self.metrics.plot(f"{self.s.name}: {self.s.model.name} on {self.s.data.dataset}, {self.s.defense.name}")
         return summary
+
+    def _group_failed(self, error: GroupError) -> None:
+        """A rank of the aggregation group failed during this round: re-form the group
+        without it (gloo) and abandon the round, or (NCCL, dead leader's store) checkpoint
+        and stop with the error."""
+        try:
+            info = self.leader.recover(error)
+        except GroupError:
+            self._checkpoint()
+            self.on_event("group_failed", {"error": str(error)})
+            raise
+        finally:
+            self.keeper.close_now("abandoned: aggregation group failed")
+            self.store.drop()
+        # the moved nodes re-join (another rank) before the next round's selection
+        self.await_joiners.setdefault(self.round_id + 1, set()).update(info["moved"])
+        self.record_row({"round": self.round_id, "model_version": self.model.version,
+                         "outcome": f"abandoned: aggregation rank(s) {info['ranks_lost']} failed; the group "
+                                    f"re-formed with {len(info['ranks'])} rank(s)",
+                         "group": info, "alive": len(self.membership.alive())})
 
     def record_row(self, row: dict[str, Any]) -> None:
         """Write one metrics row (a round, an async step, or an abandoned/skipped one)."""

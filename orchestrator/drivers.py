@@ -81,6 +81,8 @@ class SyncRounds(Driver):
         c.on_event("round_open", {"round": r_id, "selected": [names[n] for n in selected]})
         rnd = c.keeper.wait_close(c.membership.is_alive)
         c.store.seal()
+        if c.leader is not None:
+            c.leader.seal(rnd)  # the other ranks' last uploads, and no more anywhere
         t_collect = time.monotonic() - t0
         uploads = [rnd.uploads[n] for n in sorted(rnd.uploads)]
         phases = {c.name_of(n): p for n, p in rnd.dropped_phases().items()}
@@ -93,10 +95,20 @@ class SyncRounds(Driver):
         row["byzantine_selected"] = sum(1 for n in selected if c.name_of(n) in c.byzantine_names)
         try:
             if rnd.outcome.startswith("abandoned"):
+                if c.leader is not None:
+                    c.leader.gather(rnd, [], [])
                 c.record_row(row)
                 return
-            rows = c.store.take([u.node_id for u in uploads])
-            c.pipeline.run(c.model, r_id, rows, self.manifest(uploads, row), row)
+            manifest = self.manifest(uploads, row)
+            ids = [u.node_id for u in uploads]
+            t1 = time.monotonic()
+            if c.leader is None:
+                result = c.pipeline.defend(c.model, r_id, c.store.take(ids), manifest)
+            else:  # every rank gathers the rows and runs the defense's share of the work
+                with c.leader.commands.lock:
+                    rows = c.leader.gather(rnd, ids, list(manifest.num_samples))
+                    result = c.leader.commands.call(c.pipeline.defend, c.model, r_id, rows, manifest)
+            c.pipeline.apply(c.model, result, manifest, row, time.monotonic() - t1)
         finally:
             c.store.drop()
 

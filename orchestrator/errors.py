@@ -16,6 +16,7 @@ REASONS = {
     "not_found",         # unknown node
     "unavailable",       # the orchestrator is shutting down
     "broken_stream",     # the client cut its upload stream (died or cancelled)
+    "wrong_endpoint",    # sent to an aggregation rank that does not serve it (another rank or the leader does)
 }
 
 

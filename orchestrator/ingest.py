@@ -126,14 +126,21 @@ class UploadSession:
 
 
 class Ingest:
-    def __init__(self, keeper, store: RowStore, d: int) -> None:
+    def __init__(self, keeper, store: RowStore, d: int,
+                 elsewhere: Optional[Callable[[str], Optional[str]]] = None) -> None:
+        """``elsewhere(node_id)``: why that node's uploads belong to another ingest rank
+        (a message), or None when they belong here."""
         self.keeper = keeper
         self.store = store
         self.d = d
+        self.elsewhere = elsewhere or (lambda node_id: None)
 
     def begin(self, node_id: str, round_id: int, model_version: int, nonce: Optional[str] = None) -> Receipt:
         """Check the header against the ledger (``nonce``: the header's ``upload_nonce``;
         the gRPC edge always passes it, ``None`` skips the check) and claim the node's row."""
+        other = self.elsewhere(node_id)
+        if other:
+            raise Refusal("wrong_endpoint", other)
         ticket = self.keeper.begin_upload(node_id, round_id, model_version, nonce)
         try:
             slot = self.store.claim(node_id)

@@ -5,8 +5,11 @@ argv (``python -m fednode`` with the orchestrator address, name and token, the
 role's ``--behaviour`` and ``--churn`` JSON, and this machine's idle-mode and
 training-slot options), the environment (a fixed secret for nodes that rejoin
 or restart, so they get their node id back) and the restart policy
-(``restart_after_seconds``). The local runner uses it, and so will the node
-hosts of an ``mpirun`` job. :class:`ChildProcesses` starts descriptions and
+(``restart_after_seconds``). :class:`NodeHost` starts one machine's share of
+the nodes on that schedule (now, at a round, after a delay), restarts crashed
+ones and reports deaths; the local runner is one node host for every node, and
+each node-host rank of an ``mpirun`` job (``orchestrator/mpi.py``) is one for
+its share (:func:`share`). :class:`ChildProcesses` starts descriptions and
 stops them by PID only (SIGTERM, then SIGKILL); :class:`Restarter` starts a
 node that died by a signal again after its role's delay.
 
@@ -73,14 +76,15 @@ def churn_json(role: RoleSection, seed: int) -> Optional[str]:
     return json.dumps({**spec, "seed": seed})
 
 
-def launch_args(s: Scenario, run_dir: Path) -> list[str]:
-    """Options of every node a launcher starts on this machine: idle mode, training slots,
-    and ``--behaviour-checked`` (the scenario loader already checked each Byzantine role)."""
+def launch_args(s: Scenario, run_dir: Path, slot_dir: Optional[Path] = None) -> list[str]:
+    """Options of every node a launcher starts on this machine: idle mode, training slots
+    (in ``slot_dir``, default ``RUN_DIR/train-slots``: one folder per machine), and
+    ``--behaviour-checked`` (the scenario loader already checked each Byzantine role)."""
     from fednode.slots import default_slots
 
     slots = s.federation.train_slots or default_slots()
-    return ["--idle", idle_mode(s), "--train-slots", str(slots), "--slot-dir", str(run_dir / "train-slots"),
-            "--behaviour-checked"]
+    return ["--idle", idle_mode(s), "--train-slots", str(slots),
+            "--slot-dir", str(slot_dir or run_dir / "train-slots"), "--behaviour-checked"]
 
 
 def restartable(role: RoleSection) -> bool:
@@ -105,13 +109,15 @@ def node_argv(address: str, name: str, token: str, role: RoleSection, scenario: 
 class NodeLaunch:
     """The :class:`NodeProcess` of each node of one run, dialing ``address`` with ``token``.
     ``extra(name, role)``: what the run adds to a Byzantine node's behaviour (collusion
-    service, adversary view, defense)."""
+    service, adversary view, defense). ``slot_dir``: this machine's training-slot folder
+    (:func:`launch_args`)."""
 
     def __init__(self, scenario: Scenario, address: str, token: str, run_dir: Path,
-                 extra: Callable[[str, RoleSection], dict[str, Any]] = lambda name, role: {}) -> None:
+                 extra: Callable[[str, RoleSection], dict[str, Any]] = lambda name, role: {},
+                 slot_dir: Optional[Path] = None) -> None:
         self.s, self.address, self.token, self.run_dir, self.extra = scenario, address, token, run_dir, extra
         self.roles = dict(scenario.node_roles())
-        self._options = launch_args(scenario, run_dir)
+        self._options = launch_args(scenario, run_dir, slot_dir)
         self._secrets = {n: secrets.token_hex(16) for n, r in self.roles.items()
                          if r.rejoin_at_round > 0 or restartable(r)}
 
@@ -143,10 +149,28 @@ class NodeLaunch:
         return now, late, waits
 
 
-class ChildProcesses:
-    """Processes this launcher started, stopped by PID only."""
+def _die_with_parent() -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` that asks Linux to SIGKILL the child when the thread that started it
+    ends (``PR_SET_PDEATHSIG``; kept across ``exec``), or None where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-    def __init__(self) -> None:
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+
+class ChildProcesses:
+    """Processes this launcher started, stopped by PID only. ``die_with_parent``: each child
+    is SIGKILLed by the kernel if this process dies (node hosts of an ``mpirun`` job: a host
+    killed takes its nodes with it). The signal comes when the *thread* that started the
+    child ends, so children must be started from threads that live until :meth:`stop_all`."""
+
+    def __init__(self, die_with_parent: bool = False) -> None:
+        self._preexec = _die_with_parent() if die_with_parent else None
         self.procs: dict[str, subprocess.Popen] = {}
         self.described: dict[str, NodeProcess] = {}
         self._lock = threading.Lock()
@@ -162,7 +186,7 @@ class ChildProcesses:
             out = open(log_path, "ab")
         try:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **(env or {})}, cwd=cwd)
+                                    env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=self._preexec)
         finally:
             if log_path is not None:
                 out.close()
@@ -243,3 +267,88 @@ class Restarter:
                     del self._due[name]
                     self.restarts[name] = self.restarts.get(name, 0) + 1
                     self.start(name, key)  # replaces the dead process under the same key
+
+
+def share(names: list[str], hosts: int, index: int) -> list[str]:
+    """Node host ``index``'s share of ``names`` among ``hosts`` node hosts: every ``hosts``-th
+    name from position ``index`` (a deterministic, balanced split: sizes differ by at most one,
+    and each role's nodes spread over the hosts)."""
+    if hosts < 1 or not 0 <= index < hosts:
+        raise ValueError(f"node host {index} of {hosts}: need 0 <= index < hosts")
+    return names[index::hosts]
+
+
+class NodeHost:
+    """One machine's share of a run's nodes: starts ``names`` on the schedule of
+    :meth:`NodeLaunch.schedule` (now; when ``current_round()`` reaches a node's
+    join_at_round / rejoin_at_round; join_after_seconds after :meth:`begin`), restarts
+    crashed ones (:class:`Restarter`) and logs every death. The local runner runs one for
+    every node with the orchestrator's round; an ``mpirun`` node host runs one for its share
+    with the round rank 0 tells it. Threads end when ``stop`` is set; :meth:`stop_all`
+    then stops the children by PID."""
+
+    def __init__(self, launch: NodeLaunch, names: list[str], current_round: Callable[[], int],
+                 stop: threading.Event, children: Optional[ChildProcesses] = None) -> None:
+        self.launch = launch
+        self.children = children or ChildProcesses()
+        self.current_round = current_round
+        self.stop = stop
+        mine = set(names)
+        now, late, _ = launch.schedule()
+        self.now = [n for n in now if n in mine]
+        self.late = [item for item in late if item[2] in mine]
+        self.restarter = Restarter(self.children, self.start, stop)
+        self.exits: list[tuple[str, int, int]] = []
+        """``(key, pid, returncode)`` of every child that ended while the run went on."""
+
+    def start(self, name: str, key: str) -> subprocess.Popen:
+        proc = self.children.start(self.launch.describe(name, key))
+        log.info("started %s (pid %d)", key, proc.pid)
+        return proc
+
+    def begin(self) -> None:
+        for name in self.now:
+            self.start(name, name)
+        threading.Thread(target=self._late_joiners, name="late-joiners", daemon=True).start()
+        self.restarter.begin()
+
+    def _late_joiners(self) -> None:
+        """Start nodes when their round begins or after their delay; lives until ``stop``
+        (children die with the thread that started them where ``die_with_parent`` is on)."""
+        t0 = time.monotonic()
+        pending = list(self.late)
+        while not self.stop.is_set():
+            for item in list(pending):
+                when, at, name, key = item
+                if (self.current_round() >= at) if when == "round" else (time.monotonic() - t0 >= at):
+                    pending.remove(item)
+                    self.start(name, key)
+            self.stop.wait(0.1)
+
+    def watch(self, stopping: bool = False) -> list[tuple[str, int, int]]:
+        """Record and log the children that ended since the last call: ``(key, pid, returncode)``
+        (``stopping``: this host is stopping them; no warning)."""
+        seen = {pid for _, pid, _ in self.exits}
+        ended = [(key, p.pid, p.returncode) for key, p in self.children.snapshot().items()
+                 if p.pid not in seen and p.poll() is not None]
+        for key, pid, rc in ended:
+            if stopping:
+                log.info("%s (pid %d) ended with status %d", key, pid, rc)
+            elif rc < 0:
+                log.warning("%s (pid %d) died by signal %d", key, pid, -rc)
+            else:
+                log.info("%s (pid %d) exited with status %d", key, pid, rc)
+        self.exits += ended
+        return ended
+
+    def stop_all(self, leave: float = 0.0, grace: float = 5.0) -> None:
+        """Stop starting and restarting; give the children ``leave`` seconds to leave by
+        themselves (the orchestrator told them SHUTDOWN), then SIGTERM, then SIGKILL by PID."""
+        self.stop.set()
+        end = time.monotonic() + leave
+        while time.monotonic() < end and any(p.poll() is None for p in self.children.snapshot().values()):
+            self.watch()
+            time.sleep(0.05)
+        self.watch()
+        self.children.stop_all(grace)
+        self.watch(stopping=True)

@@ -22,9 +22,10 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from .errors import Refusal
+from .identity import SessionKeys
 
 log = logging.getLogger("orchestrator.membership")
 
@@ -67,8 +68,13 @@ def _digest(secret: str) -> bytes:
 
 
 class Membership:
-    def __init__(self, federation_token: str, lease_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, federation_token: str, lease_seconds: float, clock: Callable[[], float] = time.monotonic,
+                 keys: Optional[SessionKeys] = None, index_of: Optional[Callable[[str], int]] = None) -> None:
+        """``keys`` and ``index_of`` (a roster name -> its index): node ids and session tokens
+        derived from the run's key (``identity.SessionKeys``), so that every aggregation
+        rank can verify a session; without them, random ones (unit tests, tools)."""
         self._federation_token = federation_token
+        self._keys, self._index_of = keys, index_of
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -102,8 +108,12 @@ class Membership:
                 member.joins += 1
                 member.num_samples = num_samples
                 return member, True
-            node_id = f"n{len(self._by_name):04d}-{secrets.token_hex(3)}"
-            member = Member(node_id=node_id, name=name, secret_digest=_digest(secret), token=secrets.token_hex(16),
+            if self._keys is not None and self._index_of is not None:
+                node_id = self._keys.node_id(self._index_of(name), name)
+                token = self._keys.token(node_id)
+            else:
+                node_id, token = f"n{len(self._by_name):04d}-{secrets.token_hex(3)}", secrets.token_hex(16)
+            member = Member(node_id=node_id, name=name, secret_digest=_digest(secret), token=token,
                             num_samples=num_samples, lease_expiry=self._clock() + self.lease_seconds,
                             joined_round=current_round, info=dict(info or {}))
             self._by_name[name] = member
@@ -151,6 +161,16 @@ class Membership:
                 m.alive = False
                 self.events.append(("evict", m.node_id))
             return gone
+
+    def force_rejoin(self, node_ids: list[str]) -> None:
+        """Make these nodes join again (their next heartbeat is answered ``not_found``): the
+        aggregation rank that served them left the group, and a re-join hands them another."""
+        with self._lock:
+            for n in node_ids:
+                m = self._by_id.get(n)
+                if m is not None and m.alive:
+                    m.alive = False
+                    self.events.append(("evict", n))
 
     def alive(self) -> list[Member]:
         with self._lock:

@@ -33,6 +33,12 @@ class MetricsWriter:
             "bytes_received": sum(r.get("bytes_received", 0) for r in self.rows),
         }
         out.update(extra or {})
+        try:  # the rule with its parameters, e.g. krum(layerwise, cosine, clip=median), from the run's scenario
+            from .labels import defense_label
+            d = json.loads((self.run_dir / "scenario.json").read_text())["defense"]
+            out.setdefault("defense_label", defense_label(d["name"], d.get("params")))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=_jsonable) + "\n")
         return out
 

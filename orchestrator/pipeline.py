@@ -2,10 +2,11 @@
 
 One unit with a public interface and no transport: the synchronous and the
 asynchronous drivers hand it a round's manifest (who counts, in canonical order,
-with their sample counts) and the matching ``[k, d]`` rows from the row store;
-it gathers them across the aggregation group, runs the defense on the
-aggregation device, applies the server step to the global model, evaluates it
-and records the metrics row. A defense that cannot run this round
+with their sample counts) and the matching ``[k, d]`` rows (from the row store,
+or gathered across the aggregation group by ``group.Leader``); it runs the
+defense on the aggregation device (:meth:`AggregationPipeline.defend`, on every
+rank of the group), applies the server step to the global model, evaluates it
+and records the metrics row (:meth:`AggregationPipeline.apply`, the leader). A defense that cannot run this round
 (``DefenseError``, e.g. Krum with too few reports after drop-outs) or that
 returns a non-finite aggregate skips the round with the reason: the model stays
 as it was and the run goes on.
@@ -61,26 +62,47 @@ class AggregationPipeline:
 
     def run(self, model: GlobalModel, round_id: int, rows: torch.Tensor, manifest: Manifest, row: dict[str, Any],
             scale: Optional[torch.Tensor] = None) -> bool:
-        """Aggregate ``rows`` (``[len(manifest), d]``) into ``model``; write ``row``. Returns
+        """Aggregate ``rows`` (``[len(manifest), d]``, every row of the round: the
+        aggregation group gathered them already) into ``model``; write ``row``. Returns
         whether the model moved. ``scale``: per-row factors applied before the defense
         (async staleness weights)."""
         t1 = time.monotonic()
+        result = self.defend(model, round_id, rows, manifest, scale)
+        return self.apply(model, result, manifest, row, time.monotonic() - t1)
+
+    def defend(self, model: GlobalModel, round_id: int, rows: torch.Tensor, manifest: Manifest,
+               scale: Optional[torch.Tensor] = None):
+        """The defense's result on the round's rows, or the reason it cannot run this round
+        (a string). Every aggregation rank calls this on the same rows, with the same
+        context and the same state: the work is split across ranks (``shards``) and every
+        rank ends with the same result."""
         if scale is not None:
             rows = rows * scale.to(rows.dtype)[:, None]
-        updates, _ = self.group.gather_rows(rows.to(self.device))
+        updates = rows.to(self.device)
         ctx = RoundContext(layout=self.layout, global_weights=model.weights.to(self.device), round=round_id,
                            f=self.f, generator=self.generator(round_id), state=model.defense_state,
                            model_fn=self.model_fn,
                            sample_counts=torch.tensor(manifest.num_samples, dtype=torch.float32),
-                           client_ids=list(manifest.names))
+                           client_ids=list(manifest.names), **self._split())
         try:
-            result = self.defense(updates, ctx)
+            return self.defense(updates, ctx)
         except DefenseError as exc:
-            row.update(outcome=f"skipped: {exc}", t_aggregate=round(time.monotonic() - t1, 4))
+            return f"skipped: {exc}"
+
+    def _split(self) -> dict[str, Any]:
+        """The defenses' work split across the group's ranks (``shards``), if several."""
+        if self.group.world_size == 1:
+            return {}
+        from .shards import DistShards
+        return {"shards": DistShards(self.group.group)}
+
+    def apply(self, model: GlobalModel, result, manifest: Manifest, row: dict[str, Any], t_aggregate: float) -> bool:
+        """Apply a :meth:`defend` result to ``model`` (the leader), evaluate, record ``row``."""
+        if isinstance(result, str):
+            row.update(outcome=result, t_aggregate=round(t_aggregate, 4))
             self.record(row)
             return False
         delta = result.delta.to("cpu", torch.float32)
-        t_aggregate = time.monotonic() - t1
         if not torch.isfinite(delta).all():
             row.update(outcome="skipped: defense returned non-finite delta", t_aggregate=round(t_aggregate, 4))
             self.record(row)

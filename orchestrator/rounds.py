@@ -67,13 +67,17 @@ class Round:
     nonces: dict[str, str] = field(default_factory=dict)
     """node -> the random nonce of its task this round; its upload header must echo it."""
 
+    size: int = 0
+    """The round's selection over every aggregation rank (0: ``len(selected)``; an ingest
+    rank's ledger holds only the nodes it serves)."""
+
     def nonce_of(self, node_id: str) -> str:
         """The upload nonce to send with ``node_id``'s task of this round."""
         return self.nonces.get(node_id, "")
 
     @property
     def num_selected(self) -> int:
-        return len(self.selected)
+        return self.size or len(self.selected)
 
     @property
     def missing(self) -> set[str]:
@@ -103,8 +107,12 @@ def quorum_count(quorum: float, selected: int) -> int:
 class RoundKeeper:
     """Thread-safe holder of the one open round."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 nonce_fn: Optional[Callable[[int, int, str], str]] = None) -> None:
+        """``nonce_fn(round, version, node_id)``: the upload nonce of a task (derived from the
+        run's key, ``identity.SessionKeys.nonce``, so every ingest rank knows it); default random."""
         self._clock = clock
+        self._nonce = nonce_fn or (lambda r, v, n: secrets.token_hex(16))
         self._cond = threading.Condition()
         self.current: Optional[Round] = None
         self.last_closed_id = -1
@@ -116,7 +124,7 @@ class RoundKeeper:
             now = self._clock()
             self.current = Round(round_id, model_version, frozenset(selected), quorum_count(quorum, len(selected)),
                                  now, now + timeout, target=target if 0 < target < len(selected) else 0,
-                                 nonces={n: secrets.token_hex(16) for n in selected})
+                                 nonces={n: self._nonce(round_id, model_version, n) for n in selected})
             self._cond.notify_all()
             return self.current
 
@@ -209,6 +217,8 @@ class RoundKeeper:
             assert r is not None and not r.closed
             while True:
                 now = self._clock()
+                if r.closed:  # closed from outside (``close_now``: the aggregation group failed)
+                    return r
                 missing = r.missing
                 if not missing:
                     outcome = "complete"
@@ -226,6 +236,44 @@ class RoundKeeper:
             if len(r.uploads) < r.quorum:
                 outcome = f"abandoned: {len(r.uploads)} of {len(r.selected)} reported, quorum {r.quorum} ({outcome})"
             r.closed, r.outcome, r.closed_at = True, outcome, now
+            self.last_closed_id = r.round_id
+            self._cond.notify_all()
+            return r
+
+    def mirror(self, round_id: int, node_id: str, state: str, upload: Optional[Upload] = None,
+               after_close: bool = False) -> None:
+        """Record what another ingest rank saw of ``node_id``'s upload this round (the
+        leader's ledger, from the group's polls): ``in_flight``, ``done`` (with its
+        ``upload``) or ``broken``. Idempotent; ignored once the round is closed, except
+        (``after_close``) the uploads the sealing poll reports done: the other rank told
+        their nodes they were stored before it learnt of the close, so they count."""
+        with self._cond:
+            r = self.current
+            if r is None or r.round_id != round_id or node_id not in r.selected:
+                return
+            if r.closed and not (after_close and state == "done"):
+                return
+            if state == "in_flight":
+                r.in_flight.add(node_id)
+                r.upload_started.add(node_id)
+            elif state == "done" and upload is not None:
+                r.in_flight.discard(node_id)
+                r.upload_started.add(node_id)
+                r.uploads[node_id] = upload
+            elif state == "broken":
+                r.in_flight.discard(node_id)
+                r.upload_started.add(node_id)
+                r.broken.add(node_id)
+            self._cond.notify_all()
+
+    def close_now(self, outcome: str) -> Optional[Round]:
+        """Close the open round at once (an ingest rank told by its leader); later uploads
+        of it are refused as late."""
+        with self._cond:
+            r = self.current
+            if r is None or r.closed:
+                return r
+            r.closed, r.outcome, r.closed_at = True, outcome, self._clock()
             self.last_closed_id = r.round_id
             self._cond.notify_all()
             return r

@@ -103,7 +103,17 @@ class DefenseSection:
 @dataclass(frozen=True, kw_only=True)
 class AggregationSection:
     ranks: int = 1
+    """Orchestrator ranks in the aggregation group (``orchestrator/group.py``): rank 0 leads;
+    every rank is an ingest endpoint; the defenses' work is split across them."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gather: Literal["gloo", "mpi", "auto"] = "gloo"
+    """How CPU ranks gather the update rows: torch.distributed's gloo (always works), MPI
+    (``mpirun`` jobs only; several times faster on CPUs, but an MPI collective has no
+    timeout), or ``auto``: under ``mpirun`` the faster of the two, measured when the group
+    forms (gloo elsewhere). CUDA ranks always use NCCL."""
+    timeout_seconds: float = 120.0
+    """A collective between ranks (or the group's rendezvous) fails after this long: a dead
+    or hung rank ends the run with a clear error instead of a hang."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,8 +319,11 @@ def _validate(s: Scenario) -> None:
     need(0 < s.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     need(s.data.alpha > 0, "data.alpha", "must be > 0")
     need(s.defense.f >= 0, "defense.f", "must be >= 0")
-    need(s.aggregation.ranks == 1, "aggregation.ranks",
-         f"= {s.aggregation.ranks} is not supported yet: the orchestrator runs one aggregation rank (allowed: 1)")
+    need(1 <= s.aggregation.ranks <= 64, "aggregation.ranks", f"= {s.aggregation.ranks} must be in 1 .. 64")
+    need(s.aggregation.ranks == 1 or fed.mode == "sync", "aggregation.ranks",
+         f"= {s.aggregation.ranks}: several aggregation ranks run synchronous rounds only "
+         "(with federation.mode = 'async' allowed: 1)")
+    need(s.aggregation.timeout_seconds >= 5, "aggregation.timeout_seconds", "must be >= 5 seconds")
     need(len(s.roles) >= 1 and s.num_nodes >= 1, "roles", "must describe at least one node")
     seen = set()
     for i, r in enumerate(s.roles):
@@ -385,13 +398,45 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _role_table(raw: dict[str, Any], path: list[str], text: str) -> dict[str, Any]:
+    """The role table that ``roles.<name>.<key>[.<sub>...]=value`` addresses, by the role's
+    name (a role is never addressed by its position: inserting a role must not silently
+    retarget an override). Without ``[[roles]]`` in the file the default role ``honest``
+    (10 nodes) is made explicit first. Replacing the whole array is refused."""
+    roles = raw.get("roles")
+    if roles is None:
+        roles = raw["roles"] = [{"name": r.name, "count": r.count} for r in Scenario().roles]
+    if not isinstance(roles, list) or not all(isinstance(r, dict) for r in roles):
+        raise ScenarioError(f"override {_echo(text)}: roles must be an array of tables ([[roles]]) to be addressed")
+    names = [str(r.get("name", RoleSection.name)) for r in roles]
+    hint = f"address a role by its name: roles.<name>.<key>=value (roles: {', '.join(map(repr, names))})"
+    if len(path) < 3:
+        raise ScenarioError(f"override {_echo(text)}: roles cannot be replaced from the command line; {hint}")
+    if path[1] not in names:
+        raise ScenarioError(f"override {_echo(text)}: roles.{_echo(path[1], 40)} names no role; {hint}")
+    keys = [f.name for f in dataclasses.fields(RoleSection)]
+    if path[2] not in keys:
+        raise ScenarioError(f"override {_echo(text)}: unknown key {_echo('.'.join(path[:3]))}; allowed keys in a "
+                            f"role: {', '.join(keys)}")
+    if path[2] == "name":
+        raise ScenarioError(f"override {_echo(text)}: a role's name is how overrides address it; edit the file "
+                            "to rename it")
+    return roles[names.index(path[1])]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw (not yet checked) scenario table. ``section.key=value``
+    sets a key (tables on the way are created); ``roles.<name>.<key>=value`` sets a key of
+    the role named ``<name>`` (e.g. ``roles.byz.attack=alie``, ``roles.byz.count=3``,
+    ``roles.byz.attack_params.z=1.5``). Everything is checked afterwards, by :func:`from_dict`."""
     for text in overrides:
         path, value = parse_override(text)
+        node, start = raw, 0
         if path[0] == "roles":
-            raise ScenarioError(f"override {_echo(text)}: roles cannot be overridden from the command line; edit the file")
-        node = raw
+            node, start = _role_table(raw, path, text), 2
         for i, part in enumerate(path[:-1]):
+            if i < start:
+                continue
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ScenarioError(f"override {_echo(text)}: {'.'.join(path[:i + 1])} is not a table")

@@ -57,6 +57,7 @@ STATUS = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "broken_stream": grpc.StatusCode.CANCELLED,
+    "wrong_endpoint": grpc.StatusCode.FAILED_PRECONDITION,
 }
 PROTOCOL_VERSION = 2
 """2: uploads echo their task's ``upload_nonce``. A version-1 client is refused at ``Join``."""
@@ -565,7 +566,8 @@ class FederationServicer:
         c.on_event("rejoined" if rejoined else "joined", {"node": member.name})
         return pb.JoinReply(node_id=member.node_id, session_token=member.token,
                             lease_seconds=c.membership.lease_seconds, layout_json=c.layout_json,
-                            layout_hash=c.layout_hash, ingest_address=c.ingest_address, workload_json=workload,
+                            layout_hash=c.layout_hash, ingest_address=c.ingest_address_for(member.node_id),
+                            workload_json=workload,
                             rejoined=rejoined, current_round=c.round_id)
 
     async def Heartbeat(self, raw: bytes, context) -> pb.HeartbeatReply:

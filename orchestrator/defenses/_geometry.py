@@ -31,7 +31,10 @@ and the picks are the exact ones. So, for the Euclidean rules:
   rows share a common part large against their spread and, if so, which row is
   central (least median distance to the others: an honest majority puts an
   honest row there); the Gram matrix is then taken of the rows minus that row,
-  block by block in cache-sized scratch (one extra in-cache pass); without a
+  block by block in cache-sized scratch (the subtraction reads the matrix once
+  more; the products leave that row out, since it is zero, and from 96 rows take
+  only the upper block triangle of the symmetric matrix, see
+  :func:`_accumulate_gram`); without a
   common part, one float32 product as before. A check on the result (the
   median ``||x_i - r||^2`` against the median distance) catches a reference
   the sample misjudged and recomputes once, centred on the full data's central row.
@@ -197,29 +200,63 @@ def _block_width(m: int, device: torch.device, d: int) -> int:
     return max(4096, min(1 << 17, (1 << 19) // max(m, 1)))
 
 
+_SCRATCH = threading.local()
+
+
+def _block_scratch(dtype: torch.dtype, device: torch.device) -> "Scratch":
+    """This thread's scratch for the blocks of :func:`_blocks`, kept from call to
+    call on CPU (the pool's threads live on). A fresh ~2 MiB buffer per call is a
+    fresh mapping under the orchestrator's heap settings, and its page faults
+    cost ~0.1x a Gram product at n = 20."""
+    from ._order import Scratch
+
+    if device.type != "cpu":
+        return Scratch(dtype, device)
+    kept = getattr(_SCRATCH, "kept", None)
+    if kept is None:
+        kept = _SCRATCH.kept = {}
+    ws = kept.get(dtype)
+    if ws is None:
+        ws = kept[dtype] = Scratch(dtype, device)
+    return ws
+
+
 def _blocks(x: torch.Tensor, extra: Optional[torch.Tensor], origin: bool, ref: Optional[int],
             scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the points minus row ``ref`` of ``x`` (0 if None), summed in
     float64 over column blocks; ``scaled`` rescales each row of each block by a
     power of two first (no overflow, exact) and marks non-finite rows."""
-    from ._order import Scratch, _run_parts
+    from ._order import _run_parts
 
     n, d = x.shape
     ne = 0 if extra is None else extra.shape[0]
     m = n + ne + int(origin)
-    width = _block_width(m, x.device, d)
+    # Centred and unscaled, row ref minus itself is exactly zero: it is left out
+    # of the products (k rows), and its row and column of g are zero.
+    skip = not scaled and ref is not None
+    k = m - int(skip)
+    width = _block_width(k, x.device, d)
     blocks = [(c, min(d, c + width)) for c in range(0, d, width)]
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     lock = threading.Lock()
     fill = _fill_scaled if scaled else _fill_plain
 
+    # float32 products of a few blocks add up in float32 (in place, one call per
+    # product), as one matrix product over their columns would; those partial
+    # sums add up in float64.
+    fold = not scaled and x.dtype == torch.float32 and x.device.type == "cpu"
+
     def run(part: list[tuple[int, int]]) -> None:
-        ws = Scratch(x.dtype, x.device)
-        acc = torch.zeros(m, m, dtype=torch.float64, device=x.device)
+        ws = _block_scratch(x.dtype, x.device)
+        acc = torch.zeros(k, k, dtype=torch.float64, device=x.device)
+        lo = torch.zeros(k, k, dtype=torch.float32) if fold else acc
         fin = torch.ones(m, dtype=torch.bool, device=x.device)
-        for c0, c1 in part:
-            buf = ws("frame", m, c1 - c0)
-            fill(buf, x[:, c0:c1], None if extra is None else extra[:, c0:c1], origin, ref, acc, fin)
+        for i, (c0, c1) in enumerate(part, 1):
+            buf = ws("frame", k, c1 - c0)
+            fill(buf, x[:, c0:c1], None if extra is None else extra[:, c0:c1], origin, ref, lo, fin)
+            if fold and (i % FOLD_BLOCKS == 0 or i == len(part)):
+                acc.add_(lo)
+                lo.zero_()
         with lock:
             found[part[0][0]] = (acc, fin)
 
@@ -227,12 +264,19 @@ def _blocks(x: torch.Tensor, extra: Optional[torch.Tensor], origin: bool, ref: O
         _run_parts(run, blocks)
     else:
         run(blocks)
-    parts = [found[k] for k in sorted(found)]  # a fixed order: the same sums every run
-    g, fin = parts[0]
-    for acc, f in parts[1:]:
-        g = g + acc
-        fin = fin & f
-    g, fin = g.cpu(), fin[:n].cpu()
+    parts = [found[c] for c in sorted(found)]  # a fixed order: the same sums every run
+    acc, fin = parts[0]
+    for pa, pf in parts[1:]:
+        acc = acc + pa
+        fin = fin & pf
+    acc, fin = acc.cpu(), fin[:n].cpu()
+    acc = torch.triu(acc) + torch.triu(acc, 1).T  # the products fill the upper triangle
+    if skip:
+        keep = torch.cat([torch.arange(ref), torch.arange(ref + 1, m)])
+        g = torch.zeros(m, m, dtype=torch.float64)
+        g[keep[:, None], keep[None, :]] = acc
+    else:
+        g = acc
     if scaled:
         # Entries too large even for float64 (float64 rows beyond ~1e150): such a
         # row cannot be compared with the others either.
@@ -241,37 +285,62 @@ def _blocks(x: torch.Tensor, extra: Optional[torch.Tensor], origin: bool, ref: O
 
 
 def _fill_plain(buf, xb, eb, origin, ref, acc, fin) -> None:
+    """The block's rows other than ``ref``, then ``extra``, then the origin, all
+    minus row ``ref``, into ``buf``; their products into ``acc``."""
     n = xb.shape[0]
     r = xb[ref]
-    torch.sub(xb, r, out=buf[:n])
+    torch.sub(xb[:ref], r, out=buf[:ref])
+    torch.sub(xb[ref + 1:], r, out=buf[ref:n - 1])
     if eb is not None:
-        torch.sub(eb, r, out=buf[n:n + eb.shape[0]])
+        torch.sub(eb, r, out=buf[n - 1:n - 1 + eb.shape[0]])
     if origin:
         torch.neg(r, out=buf[-1])
-    _accumulate_gram(buf, n, acc)
+    _accumulate_gram(buf, acc)
 
 
-def _accumulate_gram(buf: torch.Tensor, n: int, acc: torch.Tensor) -> None:
-    """``acc += buf @ buf.T`` (float32 products, float64 sum over blocks).
+# Row groups of the block products on CPU (see _accumulate_gram); blocks whose
+# float32 products add up in float32 before joining the float64 sum (_blocks).
+GROUP_ROWS, GROUPS_FROM, FOLD_BLOCKS = 48, 96, 8
+
+
+def _row_groups(m: int) -> list[tuple[int, int]]:
+    """Row ranges whose pairwise products make up a block's Gram matrix on CPU:
+    groups of a multiple of 16 rows, then the rest (see :func:`_accumulate_gram`)."""
+    h = (m // 16) * 16 if m % 8 else m
+    h = h or m
+    step = GROUP_ROWS if h >= GROUPS_FROM else h
+    cuts = list(range(0, h, step)) + [h] + ([m] if h < m else [])
+    return [(cuts[i], cuts[i + 1]) for i in range(len(cuts) - 1)]
+
+
+def _accumulate_gram(buf: torch.Tensor, acc: torch.Tensor) -> None:
+    """The upper block triangle of ``buf @ buf.T`` added to ``acc`` (the caller
+    mirrors it): in place when ``acc`` has ``buf``'s dtype, else converted.
 
     MKL's product of a block with itself runs at its best for row counts that
     are multiples of 8 and slowly in between (on the 2-core VM of BENCHMARKS.md,
     20 rows take 1.27x the time of 16 rows per entry, 21 rows 1.7x), so on CPU
     the rows split into a multiple of 16 and the rest (extra points and the
-    origin included): three products on a block that stays in cache, 0.82x the
-    time at 20 rows, 0.91x at 50, 0.92x at 100, 0.83x at 101.
+    origin included). From 96 rows the multiple of 16 splits again into groups
+    of 48, and only the products on and above the diagonal of groups are taken
+    (the matrix is symmetric). Each product adds into its place with one call,
+    which matters at ~40 blocks per million columns. On a block in cache, against
+    one product of all rows (``torch.mm`` then a float64 add): 0.57x the time at
+    19 rows, 0.73x at 49, 0.72x at 99, 0.80x at 100.
     """
-    m = buf.shape[0]
-    h = (m // 16) * 16 if buf.device.type == "cpu" and m % 8 else m
-    h = h or m
-    head = buf[:h]
-    acc[:h, :h].add_(head @ head.T)
-    if h < m:
-        tail = buf[h:]
-        cross = head @ tail.T
-        acc[:h, h:].add_(cross)
-        acc[h:, :h].add_(cross.T)
-        acc[h:, h:].add_(tail @ tail.T)
+    if buf.device.type != "cpu":
+        acc.add_(buf @ buf.T)
+        return
+    groups = _row_groups(buf.shape[0])
+    same = acc.dtype == buf.dtype
+    for i, (a0, a1) in enumerate(groups):
+        rows = buf[a0:a1]
+        for b0, b1 in groups[i:]:
+            out = acc[a0:a1, b0:b1]
+            if same:
+                torch.addmm(out, rows, buf[b0:b1].T, out=out)
+            else:
+                out.add_(rows @ buf[b0:b1].T)
 
 
 def _row_bounds(rows: torch.Tensor) -> torch.Tensor:
@@ -473,6 +542,15 @@ def clip_scales(norms: torch.Tensor, radius: torch.Tensor | float) -> torch.Tens
 
 # -------------------------------------------------------------------- geometry
 
+def _symmetric(m: torch.Tensor) -> torch.Tensor:
+    """``m`` with its lower triangle the mirror of its upper one. Entries ``ij``
+    and ``ji`` round differently (products taken in another order), and the
+    documented tie-breaks (lowest index) need exact ties to be ties: with one
+    neighbour, as Bulyan's last Krum picks take, two mutual nearest rows score
+    the same distance, and which one won depended on that rounding (and on how
+    the Gram sums were split among aggregation ranks)."""
+    return torch.triu(m).add_(torch.triu(m, 1).T)
+
 class Geometry:
     """Pairwise quantities of ``n`` rows known only through a :class:`Frame`.
 
@@ -513,7 +591,7 @@ class Geometry:
         return self.sq_norms.sqrt()
 
     def sq_euclidean(self) -> torch.Tensor:
-        d = _sq_dist(self.g)
+        d = _symmetric(_sq_dist(self.g))
         d.fill_diagonal_(0.0)
         return d
 
@@ -526,7 +604,7 @@ class Geometry:
             dots = dots * self.scale[:, None] * self.scale[None, :]
         norms = self.norms
         inv = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
-        return (dots * inv[:, None] * inv[None, :]).clamp_(-1.0, 1.0)
+        return _symmetric((dots * inv[:, None] * inv[None, :]).clamp_(-1.0, 1.0))
 
     def cosine_distance(self) -> torch.Tensor:
         d = 1.0 - self.cosine_similarity()

@@ -46,6 +46,15 @@ holds), reports them not accepted with weight 0 and score +inf (listed in
 ``diagnostics["nonfinite"]``), and keeps them out of the reduction (a zero
 weight times NaN is NaN, so weighted means take only the rows that carry
 weight). Layerwise, this happens per layer.
+
+Among aggregation ranks (``ctx.shards``): the Gram matrix is summed from the
+ranks' column spans (:func:`._split.split_frame`), the selection runs on every
+rank on the same summed matrix (the ``n x n`` work is tiny; RFA's Weiszfeld
+loop included), and the reduction runs on column spans, all-gathered.
+Layerwise, the layers are shared out among the ranks instead
+(:func:`.layerwise.run_layerwise`). Against one rank only the Gram sums'
+order differs: the same selection barring near-ties, weights that depend on
+distances (RFA, median clipping) equal to float rounding.
 """
 from __future__ import annotations
 
@@ -56,8 +65,9 @@ from typing import Any, Optional
 import torch
 
 from ._common import Config, excluded_f, no_finite_rows, option, restrict_context
-from ._geometry import DISTANCES, Geometry, clip_scales, frame
-from ._order import median_1d
+from ._geometry import DISTANCES, Geometry, clip_scales
+from ._order import median_1d, sorted_block_width
+from ._split import into_columns, shards_of, split_frame
 from .layerwise import run_layerwise
 from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
@@ -128,7 +138,8 @@ class GramRule:
             return res
         clip = getattr(cfg, "clip", None)
         centred = self.centred()
-        fr = frame(updates, centre=centred, origin=centred and clip is not None)
+        shards = shards_of(ctx)
+        fr = split_frame(updates, shards, centre=centred, origin=centred and clip is not None)
         keep = excluded = None
         if not fr.all_finite:
             # Defense in depth (the server refuses NaN/Inf, but rules are also
@@ -156,7 +167,10 @@ class GramRule:
                 scale = torch.ones(n, dtype=torch.float64).index_copy_(0, keep, scale)
         if out is None:
             out = torch.empty(d, dtype=updates.dtype, device=updates.device)
-        self._reduce(updates, sel, scale, f, out, all_finite=keep is None)
+        # A coordinate-wise reduction splits on its blocks (see _order.sorted_block_width).
+        align = 1 if sel.weights is not None else sorted_block_width(int(sel.rows.numel()))
+        into_columns(updates, shards, lambda x, o: self._reduce(x, sel, scale, f, o, all_finite=keep is None), out,
+                     align=align)
         if clip == "median-output":
             norm = float(out.norm())
             if norm > float(radius):

@@ -93,6 +93,14 @@ def _block(k: int) -> int:
     return max(4096, min(32768, (1 << 21) // max(k, 1)))
 
 
+def sorted_block_width(k: int) -> int:
+    """Columns per block of :func:`map_sorted_columns` on ``k`` rows (CPU). Column
+    spans split among aggregation ranks on multiples of it give each rank blocks
+    of one rank's pass, so reductions inside a block (whose order may depend on
+    the block's width) give one rank's bits."""
+    return _block(k)
+
+
 def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tensor] = None,
                        scale: Optional[torch.Tensor] = None, absolute: bool = False,
                        need: Optional[tuple[int, ...]] = None) -> None:
@@ -319,6 +327,28 @@ class RowKthAbs:
         if part is not None:
             self.below += part[0]
             self.parts.append(part[1:])
+
+    def share(self, shards, blocks: Sequence[int]) -> None:
+        """Among aggregation ranks that each absorbed the parts of their own column
+        blocks (``blocks[r]`` of them on rank ``r``, ranks in column order): every
+        rank's parts, so that :meth:`result` on every rank is the one-rank result
+        (the exact order statistic either way). ``shards``: :class:`.base.Shards`."""
+        if self.direct or shards.world_size == 1:
+            return
+        n = self.x.shape[0]
+        self.below = shards.all_reduce_sum(self.below)
+        dev = self.below.device
+        # Per block: the row counts, then how many values it gathered (the same
+        # number unless a row holds NaN, whose bracket is NaN).
+        counts = torch.stack([torch.cat([p[0], p[0].new_tensor([p[1].numel()])]) for p in self.parts]) \
+            if self.parts else torch.zeros(0, n + 1, dtype=torch.long, device=dev)
+        vals = torch.cat([p[1] for p in self.parts]) if self.parts else torch.zeros(0, dtype=self.x.dtype, device=dev)
+        every = shards.gather(counts, blocks)                         # [all blocks, n + 1]
+        per_block = every[:, n].tolist()
+        ends = [sum(blocks[:r + 1]) for r in range(len(blocks))]
+        per_rank = [int(sum(per_block[e - b:e])) for b, e in zip(blocks, ends)]
+        values = shards.gather(vals.to(dev), per_rank)
+        self.parts = list(zip(every[:, :n].unbind(0), torch.split(values, per_block)))
 
     def result(self) -> torch.Tensor:
         x, k = self.x, self.k

@@ -8,6 +8,11 @@ may be smaller); the ``inner`` rule (default: median) aggregates the
 most one bucket). Randomised: permuting the inputs changes the buckets, so the
 output is permutation invariant in distribution only. A client is accepted
 when its bucket is; its weight is its share of the output.
+
+Among aggregation ranks (``ctx.shards``) the permutation and the bucket means
+are computed on every rank (the same generator seed gives the same
+permutation; the means are one ``[buckets, n] @ [n, d]`` product), and the
+inner rule splits its own work.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ class Bucketing:
     """Bucketing: average random buckets of s updates, then apply the inner rule (default median) to the bucket means."""
 
     name = "bucketing"
+    sequential = True  # draws from ctx.generator (see _split.sequential)
 
     def __init__(self, config: BucketingConfig) -> None:
         self.config = config

@@ -15,6 +15,12 @@ there is no previous centre), centred on a reference row in float32 (see
 :func:`._geometry.frame`: exact under a large common part, no overflow for
 extreme values). The matrix is read twice in all (Gram, output). Rows holding
 NaN or Inf are left out (not accepted, weight 0).
+
+Among aggregation ranks (``ctx.shards``) the Gram matrix is summed from the
+ranks' column spans (:func:`._split.split_frame`), the iterations (``n``-vector
+work) run on every rank on the same summed matrix, and the output ``c^T X`` is
+computed on column spans and all-gathered; the centre kept in ``ctx.state``
+is then the same on every rank.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from ._common import Config, no_finite_rows, option
-from ._geometry import all_finite, clip_scales, frame
+from ._geometry import all_finite, clip_scales
+from ._split import by_columns, shards_of, split_frame
 from ._order import median_1d
 from .base import DefenseResult, RoundContext, check_updates
 
@@ -46,6 +53,11 @@ class CenteredClipping:
     def __init__(self, config: CenteredClippingConfig) -> None:
         self.config = config
 
+    @property
+    def sequential(self) -> bool:
+        """Starting from last round's centre, the rule keeps state (see :func:`._split.sequential`)."""
+        return self.config.start == "previous"
+
     def min_clients(self, f: int) -> int:
         return 1
 
@@ -59,7 +71,8 @@ class CenteredClipping:
                 v0 = None  # a corrupted centre: start from zero
         # Points: the n rows, then the start v0 (or the origin): every iterate is an
         # affine combination of them, so a centred frame gives exact distances.
-        fr = frame(updates, centre=True, extra=v0, origin=v0 is None)
+        shards = shards_of(ctx)
+        fr = split_frame(updates, shards, centre=True, extra=v0, origin=v0 is None)
         keep = None
         if not fr.all_finite:
             keep = torch.nonzero(fr.finite).flatten()
@@ -83,12 +96,14 @@ class CenteredClipping:
             taus.append(tau)
         c, alpha = a[:k], float(a[k])
         if keep is None:
-            delta = torch.mv(updates.T, c.to(updates.device, updates.dtype))
+            cw = c.to(updates.device, updates.dtype)
+            delta = by_columns(updates, shards, lambda x: torch.mv(x.T, cw))
             weights = c
         else:
             # Rows holding NaN/Inf stay out of the product (0 x NaN is NaN).
             rows = updates.index_select(0, keep.to(updates.device))
-            delta = torch.mv(rows.T, c.to(updates.device, updates.dtype))
+            cw = c.to(updates.device, updates.dtype)
+            delta = by_columns(rows, shards, lambda x: torch.mv(x.T, cw))
             weights = torch.zeros(n, dtype=torch.float64).index_copy_(0, keep, c)
         if v0 is not None and alpha != 0.0:
             delta.add_(v0[0], alpha=alpha)

@@ -36,6 +36,14 @@ Gram (int8 products from 48 clients on, exact), the row norms and the quantile
 bracket; the second sorts each column block's clipped magnitudes with the
 sorting network for the median and does clamp, sparsify and the sign-aligned
 mean in 10 vectorised ops on the block, in per-thread scratch buffers.
+
+Among aggregation ranks (``ctx.shards``) both passes split by column spans
+aligned to that pass's blocks, so that each rank's blocks are one rank's
+blocks: the sign Gram is summed (integers: exact), the per-block row sums of
+squares and the quantile's gathered values are all-gathered and combined in
+one rank's order, and the per-coordinate results are all-gathered: every rank
+returns the one-rank result bit for bit, its momentum included (computed on
+every rank from the same aggregate).
 """
 from __future__ import annotations
 
@@ -47,7 +55,8 @@ import torch
 
 from ._common import Config, option, without_rows
 from ._geometry import all_finite, blocked_gram, clip_scales, int8_products, row_norms
-from ._order import RowKthAbs, Scratch, map_sorted_columns, median_1d
+from ._order import RowKthAbs, Scratch, abs_block_width, map_sorted_columns, median_1d, sorted_block_width
+from ._split import shards_of
 from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 
@@ -74,6 +83,11 @@ class FedSECA:
     def __init__(self, config: FedSECAConfig) -> None:
         self.config = config
 
+    @property
+    def sequential(self) -> bool:
+        """With momentum the rule keeps state across rounds (see :func:`._split.sequential`)."""
+        return self.config.momentum
+
     def min_clients(self, f: int) -> int:
         return 1
 
@@ -95,11 +109,22 @@ class FedSECA:
             s = torch.sign(block, out=ws("sign", *block.shape))
             return s.to(torch.int8) if int8 else s
 
-        concord, seen = blocked_gram(updates, sign, visit)
+        # This rank's columns: whole blocks of each pass (see the docstring).
+        width, width2 = abs_block_width(n), sorted_block_width(n)
+        sh = shards_of(ctx).for_columns(d, align=max(width, width2))
+        s0, s1 = sh.span(d, width)
+        xs = updates if sh.world_size == 1 else updates[:, s0:s1]
+        blocks = [-(-(b - a) // width) for a, b in sh.spans(d, width)]
+        concord, seen = blocked_gram(xs, sign, visit)
+        concord = sh.all_reduce_sum(concord)
+        block_sqs = [block_sq for block_sq, _ in seen]
+        if sh.world_size > 1:
+            block_sqs = list(sh.gather(torch.stack(block_sqs), blocks).unbind(0))
         sq = torch.zeros(n, dtype=torch.float64, device=dev)
-        for block_sq, part in seen:
+        for block_sq in block_sqs:
             sq += block_sq
-            if quantile is not None:
+        if quantile is not None:
+            for _, part in seen:
                 quantile.absorb(part)
         norms = sq.sqrt().cpu()
         odd = torch.nonzero(~torch.isfinite(norms)).flatten()
@@ -112,19 +137,23 @@ class FedSECA:
                 bad[odd[~finite]] = True
                 return without_rows(self.name, updates, ctx, bad, self)
             norms[odd] = exact
+        if quantile is not None:
+            quantile.share(sh, blocks)
         rho = concordance_ratio(concord)
         rho_dev = rho.to(dev, dt)
         clip = clip_scales(norms, median_1d(norms)).to(dev, dt)
         tau = None if quantile is None else quantile.result()[:, None]
-        out = torch.empty(d, dtype=dt, device=dev)
-        elected = torch.empty(d, dtype=torch.int8, device=dev)
+        s0, s1 = sh.span(d, width2)
+        xs = updates if sh.world_size == 1 else updates[:, s0:s1]
+        out = torch.empty(s1 - s0, dtype=dt, device=dev)
+        elected = torch.empty(s1 - s0, dtype=torch.int8, device=dev)
         lo, hi = (n - 1) // 2, n // 2
 
         bar = tau if tau is not None else torch.zeros(n, 1, dtype=dt, device=dev)
 
         def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
             mu = r[lo] if lo == hi else torch.add(r[lo], r[hi]).mul_(0.5)
-            raw = updates[:, cols]
+            raw = xs[:, cols]
             sign = torch.sign(rho_dev @ torch.sign(raw, out=ws("sign", *raw.shape)))
             elected[cols] = sign
             # t = x * s: positive where x agrees with the elected sign, and then |x|,
@@ -138,7 +167,9 @@ class FedSECA:
             total = vals.sum(0).mul_(sign)
             torch.div(total, torch.gt(vals, 0.0, out=mask).sum(0).clamp_min_(1.0), out=out[cols])
 
-        map_sorted_columns(updates, fn, scale=clip, absolute=True, need=(lo, hi))
+        map_sorted_columns(xs, fn, scale=clip, absolute=True, need=(lo, hi))
+        if sh.world_size > 1:
+            out, elected = sh.gather_columns(out, d, width2), sh.gather_columns(elected, d, width2)
         if not all_finite(out):
             raise DefenseError(f"{self.name}: the aggregate is not finite")
         delta = out

@@ -2,7 +2,8 @@
 
 McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data" (2017). Tolerates no Byzantine input (f = 0): one
-extreme row moves it anywhere. It never returns a non-finite aggregate: an
+extreme row moves it anywhere. Among aggregation ranks, each sums a span of
+columns and the spans are all-gathered (``ctx.shards``). It never returns a non-finite aggregate: an
 update holding NaN/Inf (refused at the server's edge, but rules are also used
 directly) or a weighted sum that overflows is a :class:`DefenseError`.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ._geometry import all_finite
+from ._split import by_columns, shards_of
 from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 
@@ -37,7 +39,7 @@ class Mean:
             w = w / w.sum()
         else:
             w = torch.full((n,), 1.0 / n, device=updates.device, dtype=updates.dtype)
-        delta = w @ updates
+        delta = by_columns(updates, shards_of(ctx), lambda x: w @ x)
         if not all_finite(delta):
             raise DefenseError(f"{self.name}: the mean is not finite (an update holds NaN or Inf, or the weighted "
                                "sum overflows); the mean tolerates no Byzantine input")

@@ -7,7 +7,9 @@ Each coordinate of the aggregate is the median of that coordinate over the
 discards values, not clients. An update holding NaN is left out (and
 reported not accepted) when it would make the median NaN; Inf values are
 extreme values like any other. Per-column order statistics come from
-:mod:`._order` (sorting networks over blocks of columns on CPU).
+:mod:`._order` (sorting networks over blocks of columns on CPU). Among
+aggregation ranks each takes a span of columns, all-gathered (bit-for-bit the
+one-rank result).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch
 
 from ._common import Config, without_rows
 from ._geometry import all_finite, nonfinite_rows
-from ._order import column_median
+from ._split import by_columns, shards_of
+from ._order import column_median, sorted_block_width
 from .base import DefenseResult, RoundContext, check_updates
 
 
@@ -39,7 +42,7 @@ class Median:
 
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> DefenseResult:
         n, _ = check_updates(updates)
-        delta = column_median(updates)
+        delta = by_columns(updates, shards_of(ctx), column_median, align=sorted_block_width(n))
         if not all_finite(delta):
             # NaN spreads through the sorting network (an Inf is just the largest
             # value): leave out the rows holding NaN or Inf, take the median of the rest.

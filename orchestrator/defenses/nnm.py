@@ -12,6 +12,12 @@ share of the output.
 
 Distances come from the Gram matrix; the mixed matrix is one ``[n, n] @ [n, d]``
 product (one extra ``n x d`` copy, handed to the inner rule).
+
+Among aggregation ranks (``ctx.shards``) the Gram matrix is summed from the
+ranks' column spans (:func:`._split.split_frame`) and the neighbours are found
+on every rank from the same summed matrix; the mixing product runs on every
+rank (each needs the whole mixed matrix for the inner rule, which then splits
+its own work).
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ._common import Config, _inner_min, build_spec, need, option, sub_context, through_mixing, without_rows
-from ._geometry import Geometry, frame
+from ._geometry import Geometry
+from ._split import shards_of, split_frame
 from .base import DefenseResult, RoundContext, check_updates
 
 
@@ -46,7 +53,7 @@ class NNM:
         n, _ = check_updates(updates)
         f = int(ctx.f)
         need(n > 2 * f, self.name, "n > 2f", n, f)
-        fr = frame(updates, centre=True)
+        fr = split_frame(updates, shards_of(ctx), centre=True)
         if not fr.all_finite:
             # Rows holding NaN/Inf are left out before mixing (0 x NaN is NaN in
             # the mixing product); the rest run with f lowered by their number.

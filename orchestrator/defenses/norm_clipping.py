@@ -11,6 +11,11 @@ With a mean inside, the clipped matrix is never built (one weighted matrix-vecto
 product); other inner rules get a clipped copy of the rows that need it.
 Norms are overflow-safe (:func:`._geometry.row_norms`); rows holding NaN or
 Inf are left out (not accepted), the rest run with ``f`` lowered by their number.
+
+Among aggregation ranks (``ctx.shards``) the norms are computed on every rank
+(one read of the matrix, the same bits everywhere), the clipped mean on
+column spans (all-gathered); another inner rule gets the clipped copy on every
+rank and splits its own work.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 from ._common import Config, _inner_min, build_spec, option, sub_context, without_rows
 from ._geometry import clip_scales, row_norms
 from ._order import median_1d
+from ._split import by_columns, shards_of
 from .base import DefenseResult, RoundContext, check_updates
 from .mean import Mean
 
@@ -56,7 +62,8 @@ class NormClipping:
         diag = {"tau": tau, "clipped": int((scale < 1).sum())}
         if isinstance(self.inner, Mean) and not self.inner.config.weighted:
             w = (scale / n).to(updates.device, updates.dtype)
-            return DefenseResult(delta=torch.mv(updates.T, w), accepted=torch.ones(n, dtype=torch.bool, device=updates.device),
+            delta = by_columns(updates, shards_of(ctx), lambda x: torch.mv(x.T, w))
+            return DefenseResult(delta=delta, accepted=torch.ones(n, dtype=torch.bool, device=updates.device),
                                  weights=torch.full((n,), 1.0 / n, dtype=updates.dtype, device=updates.device),
                                  diagnostics=diag)
         rows = updates if bool((scale == 1).all()) else updates * scale.to(updates.device, updates.dtype)[:, None]

@@ -19,6 +19,9 @@ does not change it, and it keeps float32 exact, see :func:`._geometry.frame`).
 The ``[n, d]`` matrix is read twice in all (one Gram product, one final
 ``c^T X``), however many iterations run.
 Options ``layerwise`` and ``clip`` as in :mod:`._gram_rule` (Euclidean only).
+Among aggregation ranks the Gram matrix is summed from column spans and the
+Weiszfeld loop (``n``-vector work) runs on every rank on the same summed
+matrix; ``c^T X`` is computed on column spans (:mod:`._gram_rule`).
 """
 from __future__ import annotations
 

@@ -35,6 +35,12 @@ both kinds of round). The per-round ``cross_similarity``, ``split`` and
 ``cosine`` land in ``metrics.jsonl`` under ``diagnostics``. With noisier
 updates (5 local steps of batch 8 in ``scenarios/cross-device.toml``) this
 happens earlier (round 7 there).
+
+Among aggregation ranks (``ctx.shards``): the Gram matrix is summed from the
+ranks' column spans (:func:`._split.split_frame`), the clustering runs on every
+rank on the same summed matrix, the inner rule splits as it does, and the
+temporal step (a few ``[d]`` vector operations) runs on every rank on the same
+gathered aggregate, so ``v`` is the same everywhere.
 """
 from __future__ import annotations
 
@@ -43,7 +49,8 @@ from dataclasses import dataclass
 import torch
 
 from ._common import Config, _inner_min, build_spec, mask_of, option, sub_context, through_mixing, without_rows
-from ._geometry import Geometry, all_finite, frame
+from ._geometry import Geometry, all_finite
+from ._split import shards_of, split_frame
 from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
 
@@ -79,6 +86,7 @@ class STPA:
     """STPA: keep the larger of two cosine clusters when they are dissimilar, aggregate it, then step along a momentum that must agree with the aggregate."""
 
     name = "stpa"
+    sequential = True  # momentum v across rounds (see _split.sequential)
 
     def __init__(self, config: STPAConfig) -> None:
         self.config = config
@@ -94,7 +102,8 @@ class STPA:
         keep = torch.arange(n)
         cross = 1.0
         if n >= 2:
-            fr = frame(updates, centre=False)  # cosine: the plain Gram matrix (overflow-safe)
+            # cosine: the plain Gram matrix (overflow-safe)
+            fr = split_frame(updates, shards_of(ctx), centre=False)
             if not fr.all_finite:
                 # Before any state changes: the rows holding NaN/Inf are left out.
                 return without_rows(self.name, updates, ctx, ~fr.finite, self)

@@ -7,7 +7,8 @@ average the rest, with ``k = f`` (the round's Byzantine count) or, when
 Computed without sorting every value: with ``lo``/``hi`` the ``(k+1)``-th smallest
 and largest values of a column, the kept values sum to
 ``sum_i clamp(x_i, lo, hi) - k (lo + hi)`` (ties included), so only two order
-statistics per column are needed (:mod:`._order`).
+statistics per column are needed (:mod:`._order`). Among aggregation ranks
+each takes a span of columns, all-gathered (bit-for-bit the one-rank result).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 
 from ._common import Config, need, option, without_rows
 from ._geometry import all_finite, nonfinite_rows
-from ._order import Scratch, map_sorted_columns
+from ._split import by_columns, shards_of
+from ._order import Scratch, map_sorted_columns, sorted_block_width
 from .base import DefenseResult, RoundContext, check_updates
 
 
@@ -62,7 +64,7 @@ class TrimmedMean:
         beta = self.config.beta
         k = int(ctx.f) if beta is None else int(math.floor(beta * n))
         need(n > 2 * k, self.name, f"n > 2k with k = {'f' if beta is None else 'floor(beta n)'} = {k}", n, int(ctx.f))
-        delta = trimmed_mean(updates, k)
+        delta = by_columns(updates, shards_of(ctx), lambda x: trimmed_mean(x, k), align=sorted_block_width(n))
         if not all_finite(delta):
             # NaN spreads through the order statistics, Inf survives when k = 0:
             # leave out the rows holding NaN or Inf, trim the rest.

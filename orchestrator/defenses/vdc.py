@@ -28,6 +28,10 @@ All ``n`` feature passes run as one batched call, ``torch.func.vmap`` over
 mode, with each client's running statistics); ``clients_per_pass`` bounds the
 clients per vmap chunk when activations would not fit. ``input_shape`` defaults
 to ``model.input_shape``.
+
+Among aggregation ranks (``ctx.shards``) the probes and feature passes run on
+every rank (the same generator seed gives the same probes), and the inner rule
+splits its own work.
 """
 from __future__ import annotations
 
@@ -110,6 +114,7 @@ class VirtualDataConsistency:
     """Virtual-data consistency plugin: drop the m clients whose models' features on random probes agree least with the others, then apply the inner rule (default mean)."""
 
     name = "vdc"
+    sequential = True  # draws its probes from ctx.generator (see _split.sequential)
 
     def __init__(self, config: VDCConfig) -> None:
         self.config = config

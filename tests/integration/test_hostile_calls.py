@@ -12,7 +12,6 @@ import asyncio
 import math
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import grpc

@@ -1,0 +1,85 @@
+"""Short human labels for a run's defense and attacks, and which defenses select clients.
+
+Used by ``metrics`` (``summary.json``'s ``defense_label``), ``sweep`` (``results.csv``) and
+``report``. Pure functions over plain scenario tables (``scenario.json``), no torch.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+SELECTING = frozenset({"krum", "multikrum", "bulyan", "geomed", "vdc", "stpa"})
+"""Rules whose accepted mask is a real choice of clients (a subset, by scores or clusters),
+so detection precision/recall against the Byzantine ground truth means something."""
+
+WRAPPER_INNER = {"nnm": "median", "bucketing": "median", "norm_clipping": "mean", "layerwise": "median"}
+"""Wrappers that report a client accepted when their inner rule (default here) accepted a
+row it contributed to: they select exactly when the inner rule does."""
+
+
+def _spec(spec: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, Mapping):
+        params = dict(spec)
+        return str(params.pop("name", "")), params
+    return str(spec), {}
+
+
+def selects_clients(name: str, params: Mapping[str, Any] | None = None) -> bool:
+    """Whether defense ``name`` with ``params`` selects clients. Coordinate-wise and
+    averaging rules (mean, median, trimmed mean, centered clipping, RFA, FedSECA's
+    weighting) accept everyone but non-finite rows, so "rejected nobody" is not a
+    detection result for them."""
+    params = dict(params or {})
+    if name in SELECTING:
+        return True
+    if name in WRAPPER_INNER:
+        inner, inner_params = _spec(params.get("inner", WRAPPER_INNER[name]))
+        return selects_clients(inner, inner_params)
+    return False
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, Mapping):
+        name, params = _spec(v)
+        return defense_label(name, params) if name else "{" + ", ".join(f"{k}={_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def defense_label(name: str, params: Mapping[str, Any] | None = None) -> str:
+    """``krum``, ``krum(layerwise, cosine, clip=median)``, ``nnm(krum(cosine))``: the name
+    and its parameters (a true flag by its name, the distance by its value, an inner rule
+    nested), so variants of one rule stay apart in tables."""
+    parts = []
+    for key, v in (params or {}).items():
+        if v is None:
+            continue
+        if v is True:
+            parts.append(key)
+        elif key == "distance" or key == "inner":
+            parts.append(_value(v))
+        else:
+            parts.append(f"{key}={_value(v)}")
+    return f"{name}({', '.join(parts)})" if parts else name
+
+
+def attack_label(roles: list[Mapping[str, Any]]) -> str:
+    """The attacks of the Byzantine roles that have nodes: ``alie``, ``alie(z=1.5)``,
+    ``alie+sign_flip``; ``none`` when no Byzantine node attacks."""
+    out = []
+    for r in roles:
+        if not r.get("byzantine") or not r.get("count", 1) or not r.get("attack"):
+            continue
+        label = defense_label(str(r["attack"]), r.get("attack_params") or {})
+        if label not in out:
+            out.append(label)
+    return "+".join(out) if out else "none"
+
+
+def byzantine_names(roles: list[Mapping[str, Any]]) -> set[str]:
+    """Node names of the Byzantine roles (``<role>-<i:03d>``, as ``Scenario.node_roles``)."""
+    return {f"{r.get('name', 'honest')}-{i:03d}" for r in roles if r.get("byzantine") for i in range(int(r.get("count", 1)))}
