@@ -24,6 +24,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .base import LOCAL, Shards
+
+
 class Scratch:
     """Reusable temporaries of one worker thread for one blocked pass.
 
@@ -254,19 +257,28 @@ class RowKthAbs:
     inside it; :meth:`result` runs ``kthvalue`` on the gathered values only. The
     sample only affects speed: a row whose bracket misses (checked by the
     counts) falls back to an exact ``kthvalue`` of that row.
+
+    Among aggregation ranks (``shards``, :class:`.base.Shards`, each rank
+    observing the blocks of its own column span, see :meth:`share`) the
+    per-row work splits by rows: each rank brackets and selects the rows of its
+    row span (:meth:`.base.Shards.spans` of ``n``) and the results are
+    gathered. An order statistic is one of the row's values, whoever finds it:
+    every rank returns the one-rank result bit for bit.
     """
 
-    def __init__(self, x: torch.Tensor, k: int) -> None:
+    def __init__(self, x: torch.Tensor, k: int, shards: Shards = LOCAL) -> None:
         n, d = x.shape
         if not 1 <= k <= d:
             raise ValueError(f"k = {k} out of range for rows of {d} values")
-        self.x, self.k = x, k
+        self.x, self.k, self.shards = x, k, shards
+        self.row_sizes = [b - a for a, b in shards.spans(n)]
+        self.r0, self.r1 = shards.span(n)
         self.direct = d <= (1 << 16)
         if self.direct:
             return
         pos = self.sample_positions(d)
         s = pos.numel()
-        sample = x.index_select(1, pos.to(x.device)).abs_()
+        sample = x[self.r0:self.r1].index_select(1, pos.to(x.device)).abs_()
         q = (k - 1) / (d - 1)
         # 4 standard deviations of the sample rank each side (a miss, about 1 row
         # in 30,000, only costs that row an exact kthvalue).
@@ -275,21 +287,27 @@ class RowKthAbs:
         # Both bracket ends from the sample's lo_i-th..hi_i-th order statistics:
         # one topk of the shorter tail that contains them, then min/max and one
         # kthvalue on that.
-        if s - lo_i <= hi_i + 1:
+        if self.r1 == self.r0:
+            lo = hi = sample.new_zeros(0)
+        elif s - lo_i <= hi_i + 1:
             tail = torch.topk(sample, s - lo_i, dim=1, sorted=False).values
             lo, hi = tail.amin(1), torch.kthvalue(tail, hi_i - lo_i + 1, dim=1).values
         else:
             tail = torch.topk(sample, hi_i + 1, dim=1, largest=False, sorted=False).values
             lo, hi = torch.kthvalue(tail, lo_i + 1, dim=1).values, tail.amax(1)
+        if shards.world_size > 1:
+            both = shards.gather(torch.stack([lo, hi], 1), self.row_sizes)
+            lo, hi = both[:, 0], both[:, 1]
         if lo_i == 0:
             lo = torch.zeros(n, dtype=x.dtype, device=x.device)
         if hi_i == s - 1:
             hi = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
-        self.lo, self.hi = lo[:, None], hi[:, None]
+        self.lo, self.hi = lo.contiguous()[:, None], hi.contiguous()[:, None]
         if x.device.type == "cpu":
             self.lo_np, self.hi_np = self.lo.numpy(), self.hi.numpy()
         self.below = torch.zeros(n, dtype=torch.long, device=x.device)
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @staticmethod
     def sample_positions(d: int) -> torch.Tensor:
@@ -328,11 +346,12 @@ class RowKthAbs:
             self.below += part[0]
             self.parts.append(part[1:])
 
-    def share(self, shards, blocks: Sequence[int]) -> None:
+    def share(self, blocks: Sequence[int]) -> None:
         """Among aggregation ranks that each absorbed the parts of their own column
         blocks (``blocks[r]`` of them on rank ``r``, ranks in column order): every
-        rank's parts, so that :meth:`result` on every rank is the one-rank result
-        (the exact order statistic either way). ``shards``: :class:`.base.Shards`."""
+        rank's parts, so that :meth:`result` (every rank selecting its rows) gives
+        the one-rank result."""
+        shards = self.shards
         if self.direct or shards.world_size == 1:
             return
         n = self.x.shape[0]
@@ -344,22 +363,40 @@ class RowKthAbs:
             if self.parts else torch.zeros(0, n + 1, dtype=torch.long, device=dev)
         vals = torch.cat([p[1] for p in self.parts]) if self.parts else torch.zeros(0, dtype=self.x.dtype, device=dev)
         every = shards.gather(counts, blocks)                         # [all blocks, n + 1]
-        per_block = every[:, n].tolist()
         ends = [sum(blocks[:r + 1]) for r in range(len(blocks))]
-        per_rank = [int(sum(per_block[e - b:e])) for b, e in zip(blocks, ends)]
-        values = shards.gather(vals.to(dev), per_rank)
-        self.parts = list(zip(every[:, :n].unbind(0), torch.split(values, per_block)))
+        per_block = every[:, n]
+        per_rank = [int(per_block[e - b:e].sum()) for b, e in zip(blocks, ends)]
+        self.shared = (every[:, :n], shards.gather(vals.to(dev), per_rank))
+        self.parts = []
 
     def result(self) -> torch.Tensor:
-        x, k = self.x, self.k
+        """The ``[n]`` order statistics (this rank selects its rows, see the class docstring)."""
+        x, k, r0, r1 = self.x, self.k, self.r0, self.r1
         if self.direct:
-            return torch.kthvalue(x.abs(), k, dim=1).values
-        n = x.shape[0]
-        counts = torch.stack([p[0] for p in self.parts])     # [blocks, n]
+            out = torch.kthvalue(x[r0:r1].abs(), k, dim=1).values if r1 > r0 else x.new_zeros(0)
+        else:
+            if self.shared is not None:
+                counts, vals = self.shared
+            else:
+                counts = torch.stack([p[0] for p in self.parts]) if self.parts else \
+                    torch.zeros(0, x.shape[0], dtype=torch.long, device=x.device)
+                vals = torch.cat([p[1] for p in self.parts]) if self.parts else x.new_zeros(0)
+            if (r0, r1) != (0, x.shape[0]):
+                counts, vals = _rows_of_segments(counts, vals, r0, r1)
+            out = self._select(counts, vals, k - self.below[r0:r1], r0)
+        if self.shards.world_size > 1:
+            out = self.shards.gather(out, self.row_sizes)
+        return out
+
+    def _select(self, counts: torch.Tensor, vals: torch.Tensor, rank: torch.Tensor, r0: int) -> torch.Tensor:
+        """Rows ``r0 ...`` of the result from their gathered values ``vals`` (block
+        by block, row-major inside a block; ``counts[b, i]`` of them for block ``b``
+        and row ``r0 + i``) and the 1-based ``rank`` of the answer among them."""
+        x = self.x
+        m = int(rank.numel())
         total = counts.sum(0)
-        rank = k - self.below                                # 1-based rank inside the bracket
         ok = (rank >= 1) & (rank <= total)
-        out = torch.empty(n, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, dtype=x.dtype, device=x.device)
         if bool(ok.any()):
             # One kthvalue for all rows: row i is padded in front with K - rank_i
             # copies of -inf so that its K-th smallest is its rank_i-th gathered value.
@@ -367,15 +404,14 @@ class RowKthAbs:
             kk = int(rank_ok.max())
             shift = kk - rank_ok
             width = int((shift + total).max())
-            padded = torch.full((n, width), float("inf"), dtype=x.dtype, device=x.device)
+            padded = torch.full((m, width), float("inf"), dtype=x.dtype, device=x.device)
             padded.masked_fill_(torch.arange(width, device=x.device)[None, :] < shift[:, None], float("-inf"))
-            # Gathered values come block by block, row-major inside a block: one
-            # segment per (block, row). A value's flat position in ``padded`` is its
-            # row's start + shift + values of that row in earlier blocks + its place
-            # in the segment = its index in ``vals`` + a per-segment offset.
-            vals = torch.cat([p[1] for p in self.parts])
+            # One segment of values per (block, row). A value's flat position in
+            # ``padded`` is its row's start + shift + values of that row in earlier
+            # blocks + its place in the segment = its index in ``vals`` + a
+            # per-segment offset.
             flat = counts.flatten()
-            seg_rows = torch.arange(n, device=x.device).repeat(counts.shape[0])
+            seg_rows = torch.arange(m, device=x.device).repeat(counts.shape[0])
             before = (torch.cumsum(counts, 0) - counts).flatten()
             seg_start = torch.cumsum(flat, 0) - flat
             offset = seg_rows * width + shift[seg_rows] + before - seg_start
@@ -383,8 +419,20 @@ class RowKthAbs:
             padded.view(-1).index_copy_(0, pos, vals)
             out = torch.kthvalue(padded, kk, dim=1).values
         for i in torch.nonzero(~ok).flatten().tolist():
-            out[i] = torch.kthvalue(x[i].abs(), k).values
+            out[i] = torch.kthvalue(x[r0 + i].abs(), self.k).values
         return out
+
+
+def _rows_of_segments(counts: torch.Tensor, vals: torch.Tensor, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts and values of rows ``r0:r1`` only, from values laid out block by
+    block, row-major inside a block (``counts[b, i]`` of them for block ``b``, row
+    ``i``): in each block those rows' values are one run."""
+    ends = torch.cumsum(counts.sum(1), 0)
+    starts = ends - counts.sum(1)
+    a = (starts + counts[:, :r0].sum(1)).tolist()
+    b = (starts + counts[:, :r1].sum(1)).tolist()
+    runs = [vals[i:j] for i, j in zip(a, b) if j > i]
+    return counts[:, r0:r1], torch.cat(runs) if runs else vals[:0]
 
 
 def map_column_blocks(x: torch.Tensor, fn: Callable[[torch.Tensor, Scratch], object], width: int) -> list[object]:

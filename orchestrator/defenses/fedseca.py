@@ -95,7 +95,6 @@ class FedSECA:
         n, d = check_updates(updates)
         dev, dt = updates.device, updates.dtype
         gamma = self.config.gamma
-        quantile = RowKthAbs(updates, int(math.floor(gamma * (d - 1))) + 1) if gamma > 0 else None
 
         def visit(block: torch.Tensor, ws: Scratch):
             # Same pass as the sign Gram: row sums of squares and the quantile bracket.
@@ -112,6 +111,7 @@ class FedSECA:
         # This rank's columns: whole blocks of each pass (see the docstring).
         width, width2 = abs_block_width(n), sorted_block_width(n)
         sh = shards_of(ctx).for_columns(d, align=max(width, width2))
+        quantile = RowKthAbs(updates, int(math.floor(gamma * (d - 1))) + 1, sh) if gamma > 0 else None
         s0, s1 = sh.span(d, width)
         xs = updates if sh.world_size == 1 else updates[:, s0:s1]
         blocks = [-(-(b - a) // width) for a, b in sh.spans(d, width)]
@@ -138,7 +138,7 @@ class FedSECA:
                 return without_rows(self.name, updates, ctx, bad, self)
             norms[odd] = exact
         if quantile is not None:
-            quantile.share(sh, blocks)
+            quantile.share(blocks)
         rho = concordance_ratio(concord)
         rho_dev = rho.to(dev, dt)
         clip = clip_scales(norms, median_1d(norms)).to(dev, dt)

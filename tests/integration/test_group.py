@@ -154,6 +154,7 @@ def _gone(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+@pytest.mark.slow  # ~25 s; beyond the default run's budget: ./launch.sh test -m slow tests/integration/test_group.py
 def test_a_killed_leader_leaves_a_checkpoint_that_resumes(tmp_path):
     import subprocess
     import sys

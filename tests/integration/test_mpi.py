@@ -225,6 +225,7 @@ def test_a_node_sigkilled_under_mpirun_is_restarted_and_the_job_goes_on(job, tmp
           f"reported {[r['reported'] for r in rows]}")
 
 
+@pytest.mark.slow  # ~27 s; beyond the default run's budget: ./launch.sh test -m slow tests/integration/test_mpi.py
 def test_a_node_host_sigkilled_takes_only_its_nodes_with_it(job, tmp_path):
     """With ``--enable-recovery`` the job survives a dead node host; its nodes die with it
     (PR_SET_PDEATHSIG), the orchestrator evicts them and the rounds go on with the rest."""
