@@ -49,14 +49,20 @@ from .vdc import VDCConfig, VirtualDataConsistency
 Defense = Callable[..., DefenseResult]
 
 
-def _fedavg(config: MeanConfig) -> Mean:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedAvgConfig:
+    """FedAvg has no parameters: it is the mean weighted by sample counts (``mean`` with
+    ``weighted = true``); ``mean`` is the unweighted one."""
+
+
+def _fedavg(config: FedAvgConfig) -> Mean:
     """FedAvg: the mean weighted by each client's sample count (no Byzantine tolerance)."""
-    return Mean(dataclasses.replace(config, weighted=True))
+    return Mean(MeanConfig(weighted=True))
 
 
 REGISTRY: Registry = Registry("defense", error=DefenseError, entries={
     "mean": (MeanConfig, Mean),
-    "fedavg": (MeanConfig, _fedavg),
+    "fedavg": (FedAvgConfig, _fedavg),
     "median": (MedianConfig, Median),
     "trimmed_mean": (TrimmedMeanConfig, TrimmedMean),
     "krum": (KrumConfig, Krum),

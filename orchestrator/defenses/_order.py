@@ -104,6 +104,23 @@ def sorted_block_width(k: int) -> int:
     return _block(k)
 
 
+def chunk_width(k: int, device: torch.device) -> int:
+    """Columns per chunk for the work a :func:`map_sorted_columns` callback does
+    on ``k`` rows of its block beyond reading the sorted rows (CPU; elsewhere no
+    chunking): about 1 MiB per ``[k, chunk]`` temporary. Block-wide temporaries of
+    ``k`` rows each add a network block's worth of memory to what a core keeps in
+    L3 (FedSECA's three came to 34 MB at n = 100), and aggregation ranks on one
+    machine share that L3: two ranks spilled to DRAM and their sorting networks
+    slowed by 40%. A multiple of 1024 columns, so that the chunks' vectorised
+    loops (and their scalar tails) cover the columns one call over the block
+    would: on the CPUs measured a chunked sum along dim 0 or product with a
+    vector gives the block-wide bits. Among ranks the chunks are the same on
+    every rank either way (their blocks are, :func:`sorted_block_width`)."""
+    if device.type != "cpu":
+        return 1 << 62
+    return max(1, (1 << 18) // max(k, 1) // 1024) * 1024
+
+
 def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tensor] = None,
                        scale: Optional[torch.Tensor] = None, absolute: bool = False,
                        need: Optional[tuple[int, ...]] = None) -> None:

@@ -35,15 +35,17 @@ Cost (BENCHMARKS.md): two passes over the matrix. The first builds the sign
 Gram (int8 products from 48 clients on, exact), the row norms and the quantile
 bracket; the second sorts each column block's clipped magnitudes with the
 sorting network for the median and does clamp, sparsify and the sign-aligned
-mean in 10 vectorised ops on the block, in per-thread scratch buffers.
+mean in 10 vectorised ops on each ~1 MiB chunk of the block
+(:func:`._order.chunk_width`), in per-thread scratch buffers.
 
 Among aggregation ranks (``ctx.shards``) both passes split by column spans
 aligned to that pass's blocks, so that each rank's blocks are one rank's
 blocks: the sign Gram is summed (integers: exact), the per-block row sums of
-squares and the quantile's gathered values are all-gathered and combined in
-one rank's order, and the per-coordinate results are all-gathered: every rank
-returns the one-rank result bit for bit, its momentum included (computed on
-every rank from the same aggregate).
+squares are all-gathered and added in one rank's order, the quantile's
+per-row work (bracket, selection) splits by rows over the all-gathered
+values, and the per-coordinate results are all-gathered: every rank returns
+the one-rank result bit for bit, its momentum included (computed on every
+rank from the same aggregate).
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ import torch
 
 from ._common import Config, option, without_rows
 from ._geometry import all_finite, blocked_gram, clip_scales, int8_products, row_norms
-from ._order import RowKthAbs, Scratch, abs_block_width, map_sorted_columns, median_1d, sorted_block_width
+from ._order import (RowKthAbs, Scratch, abs_block_width, chunk_width, map_sorted_columns, median_1d,
+                     sorted_block_width)
 from ._split import shards_of
 from .base import DefenseError, DefenseResult, RoundContext, check_updates
 
@@ -151,21 +154,27 @@ class FedSECA:
 
         bar = tau if tau is not None else torch.zeros(n, 1, dtype=dt, device=dev)
 
+        step = chunk_width(n, dev)
+
         def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
-            mu = r[lo] if lo == hi else torch.add(r[lo], r[hi]).mul_(0.5)
-            raw = xs[:, cols]
-            sign = torch.sign(rho_dev @ torch.sign(raw, out=ws("sign", *raw.shape)))
-            elected[cols] = sign
-            # t = x * s: positive where x agrees with the elected sign, and then |x|,
-            # so "kept (|x| > tau) and aligned" is t > tau (tau >= 0).
-            t = torch.mul(raw, sign, out=ws("aligned", *raw.shape))
-            mask = torch.gt(t, bar, out=ws("mask", *raw.shape))
-            # The aligned clipped value clamped to the median magnitude is
-            # min(t * clip, mu) (= s * clamp(x * clip, -mu, mu), sign flips are exact);
-            # the mean runs over the nonzero ones.
-            vals = torch.minimum(t.mul_(clip[:, None]), mu, out=t).mul_(mask)
-            total = vals.sum(0).mul_(sign)
-            torch.div(total, torch.gt(vals, 0.0, out=mask).sum(0).clamp_min_(1.0), out=out[cols])
+            median = r[lo] if lo == hi else torch.add(r[lo], r[hi]).mul_(0.5)
+            # Chunk by chunk of the block: small temporaries (see chunk_width).
+            for c0 in range(0, cols.stop - cols.start, step):
+                c1 = min(cols.stop - cols.start, c0 + step)
+                here = slice(cols.start + c0, cols.start + c1)
+                mu, raw = median[c0:c1], xs[:, here]
+                sign = torch.sign(rho_dev @ torch.sign(raw, out=ws("sign", *raw.shape)))
+                elected[here] = sign
+                # t = x * s: positive where x agrees with the elected sign, and then |x|,
+                # so "kept (|x| > tau) and aligned" is t > tau (tau >= 0).
+                t = torch.mul(raw, sign, out=ws("aligned", *raw.shape))
+                mask = torch.gt(t, bar, out=ws("mask", *raw.shape))
+                # The aligned clipped value clamped to the median magnitude is
+                # min(t * clip, mu) (= s * clamp(x * clip, -mu, mu), sign flips are exact);
+                # the mean runs over the nonzero ones.
+                vals = torch.minimum(t.mul_(clip[:, None]), mu, out=t).mul_(mask)
+                total = vals.sum(0).mul_(sign)
+                torch.div(total, torch.gt(vals, 0.0, out=mask).sum(0).clamp_min_(1.0), out=out[here])
 
         map_sorted_columns(xs, fn, scale=clip, absolute=True, need=(lo, hi))
         if sh.world_size > 1:

@@ -27,19 +27,9 @@ import pytest
 from orchestrator.launch import ChildProcesses, share
 from tests.integration.test_multihost import TwoHosts, _ip
 
-ROOT = Path(__file__).resolve().parents[2]
-MPIRUN = Path(sys.executable).parent / "mpirun"
+from tests.integration.mpi_support import MPIRUN, NEEDS_MPI, ROOT
 
-try:
-    import mpi4py  # noqa: F401
-    _NO_MPI4PY = ""
-except ImportError as exc:  # pragma: no cover - the [mpi] extra is not installed
-    _NO_MPI4PY = str(exc)
-
-pytestmark = [
-    pytest.mark.skipif(not MPIRUN.exists(), reason=f"no mpirun at {MPIRUN} (pip install -e '.[mpi]')"),
-    pytest.mark.skipif(bool(_NO_MPI4PY), reason=f"mpi4py is not importable: {_NO_MPI4PY}"),
-]
+pytestmark = NEEDS_MPI
 
 SCENARIO = """\
 name = "mpi"

@@ -16,15 +16,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-MPIRUN = Path(sys.executable).parent / "mpirun"
+from tests.integration.mpi_support import MPIRUN, NEEDS_MPI, ROOT
 
-try:
-    import mpi4py  # noqa: F401
-    _NO_MPI4PY = ""
-except ImportError as exc:  # pragma: no cover - the [mpi] extra is not installed
-    _NO_MPI4PY = str(exc)
-
+pytestmark = NEEDS_MPI
 COUNTS = (2, 0, 3)  # rows per rank: rank 1 holds none
 D = 257
 
@@ -36,8 +30,6 @@ def mpirun_argv(np_: int, script: list[str]) -> list[str]:
             "--mca", "btl", "self,sm", "--mca", "pml", "ob1", sys.executable, *script]
 
 
-@pytest.mark.skipif(not MPIRUN.exists(), reason=f"no mpirun at {MPIRUN} (pip install -e '.[mpi]')")
-@pytest.mark.skipif(bool(_NO_MPI4PY), reason=f"mpi4py is not importable: {_NO_MPI4PY}")
 def test_mpi_gather_equals_gloo_gather_under_mpirun(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}

@@ -117,3 +117,4 @@ def test_several_ranks_run_synchronous_rounds_only():
     assert from_dict({"name": "t", "aggregation": {"ranks": 3}}).aggregation.ranks == 3
     with pytest.raises(ScenarioError, match="synchronous rounds only"):
         from_dict({"name": "t", "aggregation": {"ranks": 2}, "federation": {"mode": "async"}})
+

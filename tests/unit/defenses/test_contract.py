@@ -235,3 +235,18 @@ def test_cuda_matches_cpu(cfg):
     gpu = rule(x.cuda(), context(f=F, dtype=x.dtype, n=N, device="cuda"))
     assert gpu.delta.is_cuda
     assert torch.allclose(gpu.delta.cpu(), cpu.delta, rtol=1e-6, atol=1e-9)
+
+
+def test_fedavg_takes_no_weighted_switch():
+    """FedAvg is the weighted mean: a `weighted = false` that it would ignore is refused, naming the key."""
+    from orchestrator.defenses import DefenseError, build_defense, config_fields
+    assert config_fields("fedavg") == []
+    with pytest.raises(DefenseError, match="no parameter 'weighted'"):
+        build_defense("fedavg", {"weighted": False})
+    rule = build_defense("fedavg", {})
+    from orchestrator.defenses import RoundContext
+    from proto.layout import Layout
+    x = torch.tensor([[0.0, 0.0], [3.0, 3.0]])
+    ctx = RoundContext(layout=Layout.from_shapes([("w", (2,))]), global_weights=torch.zeros(2),
+                       sample_counts=torch.tensor([1.0, 2.0]))
+    assert torch.allclose(rule(x, ctx).delta, torch.tensor([2.0, 2.0]))
