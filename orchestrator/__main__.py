@@ -112,7 +112,7 @@ def _rank(args) -> int:
     import json
     import logging
 
-    from .group import follow
+    from .rank import follow
     from .scenario import ScenarioError, from_dict, load
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {args.rank} %(levelname)s %(message)s")
     try:

@@ -5,6 +5,10 @@ Used by ``metrics`` (``summary.json``'s ``defense_label``), ``sweep`` (``results
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from pathlib import Path
 from typing import Any, Mapping
 
 SELECTING = frozenset({"krum", "multikrum", "bulyan", "geomed", "vdc", "stpa"})
@@ -83,3 +87,38 @@ def attack_label(roles: list[Mapping[str, Any]]) -> str:
 def byzantine_names(roles: list[Mapping[str, Any]]) -> set[str]:
     """Node names of the Byzantine roles (``<role>-<i:03d>``, as ``Scenario.node_roles``)."""
     return {f"{r.get('name', 'honest')}-{i:03d}" for r in roles if r.get("byzantine") for i in range(int(r.get("count", 1)))}
+
+
+# ----- what the sweep writes and its report reads ---------------------------------------------------------------
+RESULT_COLUMNS = ("cell", "status", "defense_label", "attack_label", "scenario_seed", "nodes", "byzantine",
+                  "byzantine_fraction", "rounds_completed", "final_accuracy", "best_accuracy", "last5_accuracy",
+                  "final_loss", "min_loss", "detection_precision", "detection_recall", "byzantine_share_accepted",
+                  "t_aggregate_mean", "wall_seconds", "returncode", "run_dir", "log", "error")
+"""``results.csv``'s columns besides the axes (which come after ``status``, one per axis)."""
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+
+
+def safe_id(text: str, limit: int = 120) -> str:
+    """A folder name: runs of other characters become ``-``; a long one is cut and gets a
+    short hash of the whole, so two long ids never collide."""
+    out = _UNSAFE.sub("-", text).strip("-.") or "cell"
+    if len(out) > limit:
+        out = f"{out[:limit - 9].rstrip('-.')}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return out
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # (a line cut by a killed run)
+    return out

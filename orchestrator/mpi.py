@@ -4,7 +4,7 @@ Each rank becomes one part by its number (W = ``aggregation.ranks``, N ranks in 
 
 * **rank 0**: the orchestrator (``runner.run_scenario`` with ``hosts=RemoteHosts``); it
   starts no node itself (give its machine a node host too: one more slot in the hostfile);
-* **ranks 1 .. W-1**: the other aggregation ranks (``orchestrator.group.follow``);
+* **ranks 1 .. W-1**: the other aggregation ranks (``orchestrator.rank.follow``);
 * **ranks W .. N-1**: node hosts; host ``k`` of ``H = N - W`` starts
   ``launch.share(node names, H, k)`` on its machine as child ``fednode`` processes
   (``launch.NodeHost``: schedule, late joins, restarts, as in a local run).
@@ -385,6 +385,11 @@ def _place_gpu(scenario: Scenario, world: World) -> None:
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
 
 
+def _follower():
+    from .rank import follow
+    return follow
+
+
 def _group_module():
     try:
         from . import group
@@ -503,7 +508,7 @@ def main(scenario_path: str, overrides: list[str], out: Optional[str] = None, ru
         return lead(comm, world, scenario, common, advertise, list(range(W, world.size)), log_file, agg)
     if role == "aggregation":
         _place_gpu(scenario, world)
-        return int(_group_module().follow(scenario, Path(common["run_dir"]), world.rank, W, common["rendezvous"],
+        return int(_follower()(scenario, Path(common["run_dir"]), world.rank, W, common["rendezvous"],
                                           _group_advertise(common, advertise), mpi_comm=agg))
     try:
         return host_nodes(comm, world, scenario, common, world.rank - W, world.size - W)

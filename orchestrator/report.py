@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from .sweep import RESULT_COLUMNS, read_rows, safe_id
+from .labels import RESULT_COLUMNS, read_rows, safe_id
 
 METRICS = ("final_accuracy", "best_accuracy", "last5_accuracy")
 MAX_SLICES = 12  # figures per kind at most (a big grid gets tables for every slice, figures for the first ones)

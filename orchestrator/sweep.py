@@ -59,18 +59,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .labels import attack_label, byzantine_names, defense_label, selects_clients
+from .labels import (RESULT_COLUMNS, attack_label, byzantine_names, defense_label, read_rows, safe_id,
+                     selects_clients)
 from .scenario import ScenarioError, load
 
 STATUSES = ("ok", "failed", "timeout", "invalid", "interrupted", "pending")
 DEFAULT_TIMEOUT = 1800.0
-RESULT_COLUMNS = ("cell", "status", "defense_label", "attack_label", "scenario_seed", "nodes", "byzantine",
-                  "byzantine_fraction", "rounds_completed", "final_accuracy", "best_accuracy", "last5_accuracy",
-                  "final_loss", "min_loss", "detection_precision", "detection_recall", "byzantine_share_accepted",
-                  "t_aggregate_mean", "wall_seconds", "returncode", "run_dir", "log", "error")
-"""``results.csv``'s columns besides the axes (which come after ``status``, one per axis)."""
-
-
 class SweepError(ValueError):
     """A sweep file is invalid; the message names the key."""
 
@@ -108,16 +102,7 @@ def _label_of(v: Any) -> str:
     return toml_value(v)
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 
-
-def safe_id(text: str, limit: int = 120) -> str:
-    """A folder name: runs of other characters become ``-``; a long one is cut and gets a
-    short hash of the whole, so two long ids never collide."""
-    out = _UNSAFE.sub("-", text).strip("-.") or "cell"
-    if len(out) > limit:
-        out = f"{out[:limit - 9].rstrip('-.')}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-    return out
 
 
 @dataclass(frozen=True)
@@ -675,20 +660,6 @@ def _read_json(p: Path) -> Optional[dict[str, Any]]:
         return json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # (a line cut by a killed run)
-    return out
 
 
 def cell_row(d: Path, cell: Cell, rec: dict[str, Any]) -> dict[str, Any]:
