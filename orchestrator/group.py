@@ -71,7 +71,7 @@ IN_FLIGHT, DONE, BROKEN = 1, 2, 3
 STATE_NAMES = {IN_FLIGHT: "in_flight", DONE: "done", BROKEN: "broken"}
 POLL_SECONDS = 0.2
 TICK_SECONDS = 2.0
-ROLL_SECONDS = 5.0
+ROLL_SECONDS = 10.0
 """How long the leader waits for survivors to answer the roll call after a rank failed."""
 
 
