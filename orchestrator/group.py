@@ -35,10 +35,12 @@ from rank 0, and run the collectives that follow it:
 A rank that dies makes the next collective fail within that timeout (gloo
 usually at once, on the broken connection). On gloo the group is then
 re-formed without it (:class:`Roster`): the leader drops its broken process
-group (which breaks every other rank's pending collective too), the
+group (which usually breaks every other rank's pending collective too), the
 survivors answer a roll call on the group's long-lived store
 (``collective.open_store``, hosted by rank 0), and the leader publishes the
-new member list; every survivor joins the next generation of the process
+new member list. The leader waits for every rank whose liveness beat on that
+store still moves (a survivor stuck in a collective answers when its timeout
+fires) and gives up on a rank whose beat stood still for ``STALE_SECONDS``; every survivor joins the next generation of the process
 group under its new rank. The round in progress is abandoned (recorded with
 the reason), the dead rank's nodes are made to re-join and get another rank's
 ingest address, and the run goes on. On NCCL, or with a dead leader, the run
@@ -47,6 +49,7 @@ resumes it (``--run-dir``).
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
@@ -56,6 +59,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from .collective import AggregationGroup, open_store, pick_device
 from .errors import Refusal
@@ -71,8 +75,10 @@ IN_FLIGHT, DONE, BROKEN = 1, 2, 3
 STATE_NAMES = {IN_FLIGHT: "in_flight", DONE: "done", BROKEN: "broken"}
 POLL_SECONDS = 0.2
 TICK_SECONDS = 2.0
-ROLL_SECONDS = 10.0
-"""How long the leader waits for survivors to answer the roll call after a rank failed."""
+BEAT_SECONDS = 0.5
+"""How often a non-leader rank counts up its liveness beat on the group's store."""
+STALE_SECONDS = 5.0
+"""A rank whose beat has not moved for this long is dead: the roll call stops waiting for it."""
 
 
 class GroupError(RuntimeError):
@@ -147,33 +153,72 @@ class Roster:
         self.store, self.rid, self.device, self.timeout_s = store, rid, device, timeout_s
         self.members = list(range(world))
         self.generation = 0
+        self._stopped = threading.Event()
+        if rid != 0 and world > 1:
+            threading.Thread(target=self._beat, name=f"rank-{rid}-beat", daemon=True).start()
+
+    def _beat(self) -> None:
+        """Count this rank's beat up on the store (its own connection, so a blocking store
+        call of the rank's main thread never holds it): the leader's roll call tells a rank
+        that is slow to notice a failure (still in a collective) from a dead one by it."""
+        try:
+            beat = dist.TCPStore(self.store.host, self.store.port, None, False,
+                                 datetime.timedelta(seconds=self.timeout_s))
+            while not self._stopped.is_set():
+                beat.add(f"beat/{self.rid}", 1)
+                self._stopped.wait(BEAT_SECONDS)
+        except (RuntimeError, OSError):  # (the store is rank 0's: the leader is gone)
+            return
+
+    def stop(self) -> None:
+        self._stopped.set()
 
     @property
     def rank(self) -> int:
         return self.members.index(self.rid)
 
+    def _roll_call(self, g: int) -> list[int]:
+        now = time.monotonic()
+        end = now + self.timeout_s + STALE_SECONDS
+        pending = [m for m in self.members if m != 0]
+        seen = {m: (self.store.add(f"beat/{m}", 0), now) for m in pending}
+        alive = [0]
+        while pending and time.monotonic() < end:
+            now = time.monotonic()
+            for m in list(pending):
+                if self.store.check([f"roll{g}/{m}"]):
+                    alive.append(m)
+                    pending.remove(m)
+                    continue
+                beats = self.store.add(f"beat/{m}", 0)
+                if beats != seen[m][0]:
+                    seen[m] = (beats, now)
+                elif now - seen[m][1] > STALE_SECONDS:
+                    pending.remove(m)  # dead: its beat stood still
+            time.sleep(0.05)
+        return sorted(alive)
+
     def form(self) -> AggregationGroup:
         return AggregationGroup.on_store(self.store, self.generation, self.rank, len(self.members), self.device,
                                          self.timeout_s)
 
-    def reform(self, group: AggregationGroup, roll_seconds: float) -> list[int]:
+    def reform(self, group: AggregationGroup) -> list[int]:
         """After a failed collective: drop the broken group, answer the roll call of the
         next generation and join it. Returns the original ids that left. Raises
-        :class:`GroupError` if this rank is not in the new group or the leader is gone."""
+        :class:`GroupError` if this rank is not in the new group or the leader is gone.
+
+        The leader waits for every member that still beats (a survivor may be slow to see
+        the failure, inside a collective until its timeout) and gives up on one whose beat
+        stood still for ``STALE_SECONDS``; at most the collectives' timeout plus that in all."""
         g = self.generation + 1
         group.close()
         try:
             self.store.set(f"roll{g}/{self.rid}", b"1")
             if self.rid == 0:
-                alive, end = [0], time.monotonic() + roll_seconds
-                while len(alive) < len(self.members) and time.monotonic() < end:
-                    for m in self.members:
-                        if m not in alive and self.store.check([f"roll{g}/{m}"]):
-                            alive.append(m)
-                    time.sleep(0.05)
-                alive.sort()
+                alive = self._roll_call(g)
                 self.store.set(f"roll{g}/members", ",".join(map(str, alive)).encode())
             else:
+                self.store.wait([f"roll{g}/members"], datetime.timedelta(seconds=self.timeout_s + 2 * STALE_SECONDS))
                 alive = [int(x) for x in self.store.get(f"roll{g}/members").decode().split(",")]
         except (RuntimeError, OSError) as e:  # (the store is rank 0's: the leader is gone)
             raise GroupError(f"the aggregation group could not re-form (the leader is gone?): {e}") from e
@@ -446,7 +491,7 @@ class Leader:
                              "checkpoint with --run-dir") from error
         t0 = time.monotonic()
         self.commands.close()
-        gone = self.roster.reform(self.group, roll_seconds=min(ROLL_SECONDS, self.roster.timeout_s))
+        gone = self.roster.reform(self.group)
         addresses = exchange_addresses(self.group, self.c.ingest_address, self.device)
         self.addresses = dict(zip(self.roster.members, addresses))
         moved = self.assignment.remove(gone)
@@ -554,7 +599,7 @@ class Follower:
                 log.error("rank %d: NCCL groups are not re-formed; stopping", self.c.rank)
                 return 1
             try:
-                self.roster.reform(self.group, roll_seconds=0.0)
+                self.roster.reform(self.group)
                 exchange_addresses(self.group, self.c.ingest_address, self.device)
             except (GroupError, RuntimeError) as e:
                 log.error("rank %d: %s", self.c.rank, e)
