@@ -2,9 +2,11 @@
 # byzfed: one entry for people.
 #   ./launch.sh                      set up (first time) and run the demo federation
 #   ./launch.sh test [pytest args]   run the whole test suite
-#   ./launch.sh run SCENARIO.toml [--set key=value ...]
+#   ./launch.sh run SCENARIO.toml [--set key=value ...] [--tls] [--mtls]
+#   ./launch.sh certs DIR [--host H ...] [--nodes NAME,NAME] [--scenario S.toml]   CA + server/client certificates
+#   ./launch.sh enrol DIR [--nodes NAME,NAME] [--scenario S.toml]   enrolment key + DIR/<name>.secret (security.enrol)
 #   ./launch.sh orchestrator SCENARIO.toml [--host H] [--port P] [--advertise-host A] [--token T]   orchestrator only
-#   ./launch.sh node --orchestrator HOST:PORT --name NAME --token T            one client node
+#   BYZFED_TOKEN=T ./launch.sh node --orchestrator HOST:PORT --name NAME [--tls-ca ca.pem]   one client node
 #   ./launch.sh mpi -np N [--hostfile FILE] [-- extra mpirun args] SCENARIO.toml [--set key=value ...]
 #       one mpirun runs the federation: rank 0 orchestrator, ranks 1..W-1 aggregation
 #       (W = aggregation.ranks), the rest node hosts (README: "Running across machines with mpirun")
@@ -81,6 +83,14 @@ case "$cmd" in
   check)
     setup
     exec "$PY" -m orchestrator check "$@" ;;
+  certs)
+    setup
+    [ $# -ge 1 ] || { echo "usage: ./launch.sh certs DIR [--host H ...] [--nodes NAME,NAME] [--scenario S.toml]" >&2; exit 2; }
+    exec "$PY" -m orchestrator certs "$@" ;;
+  enrol)
+    setup
+    [ $# -ge 1 ] || { echo "usage: ./launch.sh enrol DIR [--nodes NAME,NAME] [--scenario S.toml]" >&2; exit 2; }
+    exec "$PY" -m orchestrator enrol "$@" ;;
   sweep)
     setup
     [ $# -ge 1 ] || { echo "usage: ./launch.sh sweep SWEEP.toml [--out DIR] [--parallel K] [--resume]" >&2; exit 2; }
@@ -102,7 +112,7 @@ case "$cmd" in
     cd "$ROOT"
     exec "$PY" -m pytest -q "$@" ;;
   -h|--help|help)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     echo "unknown command '$cmd'; try ./launch.sh help" >&2; exit 2 ;;
 esac

@@ -260,14 +260,17 @@ def _options() -> list[tuple[str, int]]:
 class CollusionServer:
     """A running collusion service: ``address``, ``service`` (its board) and ``stop()``."""
 
-    def __init__(self, group: Iterable[str], token: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, group: Iterable[str], token: str, host: str = "127.0.0.1", port: int = 0,
+                 credentials: grpc.ServerCredentials | None = None) -> None:
+        """``credentials``: the run's TLS (``grpc.ssl_server_credentials``); None: plaintext."""
         self.service = CollusionService(group, token)
         # Every member may block in FetchDeltas at once; leave room for posts.
         workers = 2 * len(self.service.group) + 4
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collusion"),
                                    options=_options())
         self._server.add_generic_rpc_handlers((_handlers(self.service),))
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = (self._server.add_insecure_port(f"{host}:{port}") if credentials is None
+                 else self._server.add_secure_port(f"{host}:{port}", credentials))
         if bound == 0:
             raise RuntimeError(f"collusion service cannot listen on {host}:{port}")
         self._server.start()
@@ -282,9 +285,12 @@ class CollusionServer:
 class CollusionClient:
     """One colluder's handle on the service."""
 
-    def __init__(self, address: str, token: str, member: str) -> None:
+    def __init__(self, address: str, token: str, member: str,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """``credentials``: the run's TLS (``grpc.ssl_channel_credentials``); None: plaintext."""
         self.address, self._token, self.member = address, token, member
-        self._channel = grpc.insecure_channel(address, options=_options())
+        self._channel = (grpc.insecure_channel(address, options=_options()) if credentials is None
+                         else grpc.secure_channel(address, credentials, options=_options()))
         self._announce = self._channel.unary_unary(f"/{SERVICE}/Announce")
         self._post = self._channel.stream_unary(f"/{SERVICE}/PostDelta")
         self._fetch = self._channel.unary_stream(f"/{SERVICE}/FetchDeltas")

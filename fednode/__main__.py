@@ -14,12 +14,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--orchestrator", required=True, help="host:port of the orchestrator")
     p.add_argument("--name", required=True, help="this node's name in the scenario (e.g. honest-003)")
     p.add_argument("--token", default=os.environ.get("BYZFED_TOKEN", ""),
-                   help="federation enrolment token (default: $BYZFED_TOKEN)")
+                   help="federation enrolment token (default: $BYZFED_TOKEN; prefer the variable: a command "
+                        "line is visible to every user of the machine)")
+    p.add_argument("--token-file", default=os.environ.get("BYZFED_TOKEN_FILE", ""),
+                   help="read the federation token from this file (e.g. RUN_DIR/federation.token, mode 0600)")
+    p.add_argument("--tls-ca", default=os.environ.get("BYZFED_TLS_CA", ""),
+                   help="CA certificate (PEM) to verify the orchestrator with: TLS on every channel "
+                        "(default: $BYZFED_TLS_CA; none: plaintext)")
+    p.add_argument("--tls-cert", default=os.environ.get("BYZFED_TLS_CERT", ""),
+                   help="this node's client certificate (PEM) for mutual TLS (default: $BYZFED_TLS_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("BYZFED_TLS_KEY", ""),
+                   help="the client certificate's private key (PEM) (default: $BYZFED_TLS_KEY)")
     p.add_argument("--secret", default=os.environ.get("BYZFED_NODE_SECRET"),
-                   help="this node's secret for re-joins (default: random per process)")
+                   help="this node's secret for re-joins; with security.enrol its enrolment secret "
+                        "(default: $BYZFED_NODE_SECRET, else random per process; prefer --secret-file)")
+    p.add_argument("--secret-file", default=os.environ.get("BYZFED_NODE_SECRET_FILE", ""),
+                   help="read the node secret from this file (security.enrol: ENROL_DIR/<name>.secret of "
+                        "./launch.sh enrol, mode 0600)")
     p.add_argument("--data-dir", default=None, help="folder with dataset files (IDX, CIFAR batches, .npz)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
-    p.add_argument("--behaviour", default=None, help="JSON of the Byzantine behaviour (set by the launcher)")
+    p.add_argument("--behaviour", default=os.environ.get("BYZFED_BEHAVIOUR") or None,
+                   help="JSON of the Byzantine behaviour (default: $BYZFED_BEHAVIOUR, where the launcher puts it: "
+                        "it holds the collusion group's token)")
     p.add_argument("--behaviour-checked", action="store_true",
                    help="the launcher checked --behaviour against the scenario: build it at the first round "
                         "(keeps an idle node torch-free) instead of at start-up")
@@ -40,8 +56,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    if args.token_file and not args.token:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                args.token = f.read().strip()
+        except OSError as exc:
+            print(f"fednode: cannot read --token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
     if not args.token:
-        print("fednode: --token (or $BYZFED_TOKEN) is required", file=sys.stderr)
+        print("fednode: --token-file, $BYZFED_TOKEN or --token is required", file=sys.stderr)
+        return 2
+    if args.secret_file and not args.secret:
+        try:
+            with open(args.secret_file, encoding="utf-8") as f:
+                args.secret = f.read().strip()
+        except OSError as exc:
+            print(f"fednode: cannot read --secret-file {args.secret_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    from proto import tls
+    try:
+        if args.tls_ca:
+            files = tls.ClientTls(args.tls_ca, args.tls_cert, args.tls_key)
+            files.credentials()  # (read now: a missing file refuses the start, not the first call)
+            tls.configure(files)
+        elif args.tls_cert or args.tls_key:
+            raise tls.TlsError("--tls-cert/--tls-key need --tls-ca (the CA that signed the orchestrator's certificate)")
+        else:
+            tls.configure(None)
+    except tls.TlsError as exc:
+        print(f"fednode {args.name}: refusing to start: {exc}", file=sys.stderr)
         return 2
     from .churn import ChurnError, ChurnSpec
     from .node import DeferredBehaviour, Node, NodeConfig

@@ -52,6 +52,7 @@ from proto import codec
 from proto.byzfed.v1 import adversary_pb2 as apb
 from proto.byzfed.v1 import adversary_pb2_grpc as apb_grpc
 from proto.byzfed.v1 import federation_pb2 as pb
+from proto import tls
 from proto.seeding import derive_seed, generator
 
 from .rule_provider import RuleAggregate, RuleProviderError, load_rule_provider
@@ -112,7 +113,7 @@ class AdversaryViewClient:
 
     def __init__(self, address: str, token: str) -> None:
         self.token = token
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.channel = tls.channel(address, channel_options())  # the node's TLS (proto.tls), if any
         self.stub = apb_grpc.AdversaryStub(self.channel)
 
     def honest_updates(self, node_id: str, session_token: str, round_id: int, wait_seconds: float) -> Optional[torch.Tensor]:
@@ -190,7 +191,7 @@ class Behaviour:
             addr = self._collusion_spec["address"]
             if orchestrator or not is_relative(addr):
                 self.collusion = CollusionClient(resolve_address(addr, orchestrator), self._collusion_spec["token"],
-                                                 self.name)
+                                                 self.name, credentials=tls.channel_credentials())
 
     @classmethod
     def from_json(cls, text: str, node_name: str, orchestrator: str = "") -> "Behaviour":

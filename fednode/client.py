@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import grpc
 
-from proto import codec
+from proto import codec, tls
 from proto.byzfed.v1 import federation_pb2 as pb
 from proto.byzfed.v1 import federation_pb2_grpc as pb_grpc
 from proto.layout import Layout
@@ -115,8 +115,11 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 class FederationClient:
-    def __init__(self, address: str, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, churn: Optional[Churn] = None) -> None:
+    def __init__(self, address: str, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, churn: Optional[Churn] = None,
+                 tls_files: Optional[tls.ClientTls] = None) -> None:
         self.address = address
+        self.tls = tls_files or tls.default()
+        """TLS of every channel this client opens (``[security]``; default: the process's, None: plaintext)."""
         self.chunk_bytes = chunk_bytes
         self.churn = churn  # self-inflicted crashes and latency (scenario churn keys), None for none
         self.channel = self._channel(address)
@@ -130,7 +133,7 @@ class FederationClient:
         """(round, model version) -> the upload nonce of the train task received for it (the latest few)."""
 
     def _channel(self, address: str) -> grpc.Channel:
-        channel = grpc.insecure_channel(address, options=channel_options())
+        channel = tls.channel(address, channel_options(), self.tls)
         interceptors = self.churn.interceptors() if self.churn is not None else []
         return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
@@ -170,11 +173,16 @@ class FederationClient:
 
     def heartbeat(self, timeout: float = 5.0, received_round: Optional[int] = None) -> pb.HeartbeatReply:
         """Renew the lease; ``received_round`` also tells the orchestrator that this
-        node holds that round's whole task (it is now training, not downloading)."""
+        node holds that round's whole task (it is now training, not downloading). A reply
+        with a ``session_token`` rotates this session's token (``security.token_seconds``)."""
+        session = self.session
         req = pb.HeartbeatRequest(session=self._session_pb())
         if received_round is not None:
             req.received_round = received_round
-        return self.stub.Heartbeat(req, timeout=timeout)
+        reply = self.stub.Heartbeat(req, timeout=timeout)
+        if reply.session_token and self.session is session:  # the token's epoch turned: use the fresh one
+            session.token = reply.session_token  # (not after a re-join meanwhile: that brought its own)
+        return reply
 
     def leave(self, reason: str = "", timeout: float = 5.0) -> None:
         self.stub.Leave(pb.LeaveRequest(session=self._session_pb(), reason=reason), timeout=timeout)

@@ -52,6 +52,8 @@ whether it still counts); a hung attempt is cut then."""
 MIN_ATTEMPT_SECONDS = 1.0
 EXIT_NAME_TAKEN = 3
 """Exit status of a node whose name another holder of the federation token joined under first."""
+EXIT_NOT_ENROLLED = 4
+"""Exit status of a node whose secret is not its name's enrolment secret (``security.enrol``)."""
 
 
 def name_taken(e: grpc.RpcError) -> bool:
@@ -61,6 +63,15 @@ def name_taken(e: grpc.RpcError) -> bool:
         return False
     meta = dict((k, v) for k, v in (e.trailing_metadata() or ()) if isinstance(v, str))
     return meta.get("byzfed-refusal") == "name-taken" or "is taken by" in (e.details() or "")
+
+
+def not_enrolled(e: grpc.RpcError) -> bool:
+    """Whether a refused join says this node's secret is not its name's enrolment secret
+    (``security.enrol``: the orchestrator's ``byzfed-refusal: not-enrolled`` trailer)."""
+    if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+        return False
+    meta = dict((k, v) for k, v in (e.trailing_metadata() or ()) if isinstance(v, str))
+    return meta.get("byzfed-refusal") == "not-enrolled"
 
 
 class Backoff:
@@ -166,6 +177,12 @@ class Node:
         try:
             s = self._retry("join", lambda: self.client.join(self.cfg.name, self.cfg.secret, self.cfg.federation_token))
         except grpc.RpcError as e:
+            if not_enrolled(e):
+                log.error("%s: join refused: %s; not joining, exiting with status %d", self.cfg.name, e.details(),
+                          EXIT_NOT_ENROLLED)
+                self.exit_status = EXIT_NOT_ENROLLED
+                self.stop.set()
+                return
             if not name_taken(e):
                 raise
             log.error("%s: node name %r is taken by another holder of the federation token (a node with other "

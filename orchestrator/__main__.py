@@ -7,6 +7,10 @@ Commands:
                                    1..W-1: aggregation group; the rest: node hosts)
   defenses                         list the registered defenses and their parameters
   check SCENARIO [--set k=v ...]   validate a scenario file
+  certs DIR [--host H ...] [--nodes a,b] [--scenario S]   a CA, server and client certificates
+                                   (security.certs; orchestrator/security.py)
+  enrol DIR [--nodes a,b] [--scenario S]   an enrolment key and DIR/<name>.secret per node
+                                   (security.enrol_dir; orchestrator/enrolment.py)
   sweep SWEEP [--out DIR] [--parallel K] [--resume]   a grid of runs, results.csv and report.md
                                    (orchestrator/sweep.py)
 """
@@ -33,6 +37,11 @@ def main(argv=None) -> int:
         sp.add_argument("scenario")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a scenario value, e.g. --set federation.rounds=5")
+        sp.add_argument("--tls", action="store_true",
+                        help="TLS on every gRPC channel (sets security.tls = true; certificates: security.certs, "
+                             "or a throwaway CA in RUN_DIR/certs)")
+        sp.add_argument("--mtls", action="store_true",
+                        help="mutual TLS: every node presents its own certificate (sets security.mtls = true)")
         if name != "check":
             sp.add_argument("--out", default=None, help="folder for run outputs (default: the scenario's output.dir)")
             sp.add_argument("--run-dir", default=None, help="exact run folder (resumes from its checkpoint if present)")
@@ -58,6 +67,21 @@ def main(argv=None) -> int:
     rk.add_argument("--rendezvous", required=True, help="tcp://HOST:PORT of rank 0's group store")
     rk.add_argument("--run-dir", required=True)
     rk.add_argument("--advertise-host", default="", help="host or IP nodes on other machines reach this rank at")
+    ct = sub.add_parser("certs", help="write a CA, a server certificate and client certificates to a folder "
+                                      "(security.certs)")
+    ct.add_argument("dir", help="folder to write (an existing CA there, ca.pem + ca.key, is kept and reused)")
+    ct.add_argument("--host", dest="hosts", action="append", default=[], metavar="H",
+                    help="host name or IP the nodes dial (repeatable); 127.0.0.1, ::1 and localhost always")
+    ct.add_argument("--nodes", action="append", default=[], metavar="NAMES",
+                    help="client certificates for these node names (comma-separated, repeatable)")
+    ct.add_argument("--scenario", default=None, help="client certificates for every node of this scenario")
+    ct.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    en = sub.add_parser("enrol", help="write an enrolment key and a secret per node name to a folder "
+                                      "(security.enrol, security.enrol_dir)")
+    en.add_argument("dir", help="folder to write (an existing enrol.key there is kept and reused)")
+    en.add_argument("--nodes", action="append", default=[], metavar="NAMES",
+                    help="secrets for these node names (comma-separated, repeatable)")
+    en.add_argument("--scenario", default=None, help="secrets for every node of this scenario")
     sub.add_parser("defenses", help="list the registered defenses")
     sub.add_parser("sweep", help="run a grid of scenarios (sweep file): results.csv and report.md")
     args = p.parse_args(argv)
@@ -69,6 +93,17 @@ def main(argv=None) -> int:
 
     if args.cmd == "rank":
         return _rank(args)
+
+    if args.cmd == "certs":
+        return _certs(args)
+
+    if args.cmd == "enrol":
+        return _enrol(args)
+
+    if getattr(args, "tls", False):
+        args.overrides.append("security.tls=true")
+    if getattr(args, "mtls", False):
+        args.overrides.append("security.mtls=true")
 
     if args.cmd == "mpi":  # each rank loads and checks what its part needs
         from .mpi import main as mpi_main
@@ -87,16 +122,20 @@ def main(argv=None) -> int:
         scenario = load(args.scenario, overrides)
         from .defenses import build_defense
         build_defense(scenario.defense.name, scenario.defense.params)
-    except (ScenarioError, ValueError) as exc:
+        if scenario.security.certs and args.cmd != "check":
+            from .security import bundle
+            bundle(scenario, Path(args.run_dir or "."))  # (a given folder is only checked: its ca.pem)
+    except (ScenarioError, ValueError, FileNotFoundError) as exc:
         print(f"scenario error: {exc}", file=sys.stderr)
         return 2
     if args.cmd == "check":
         print(f"{args.scenario}: ok ({scenario.num_nodes} nodes, {scenario.federation.rounds} rounds)")
         return 0
 
+    from .checkpoint import CheckpointError
     from .group import GroupError
     from .runner import make_run_dir, run_scenario
-    run_dir = Path(args.run_dir) if args.run_dir else make_run_dir(scenario, args.out)
+    run_dir = Path(args.run_dir) if args.run_dir else make_run_dir(scenario, args.out, args.overrides)
     try:
         run_scenario(scenario, run_dir, spawn_nodes=(args.cmd == "run"),
                      token=getattr(args, "token", None))
@@ -105,6 +144,49 @@ def main(argv=None) -> int:
     except GroupError as exc:  # (NCCL, or the group could not re-form): the last checkpoint resumes it
         print(f"byzfed: {exc}\nthe run stopped; its last checkpoint resumes it: --run-dir {run_dir}", file=sys.stderr)
         return 1
+    except CheckpointError as exc:
+        print(f"byzfed: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _certs(args) -> int:
+    from proto.certs import CertError, write_bundle
+
+    from .scenario import ScenarioError, load
+    names = [n.strip() for text in args.nodes for n in text.split(",") if n.strip()]
+    try:
+        if args.scenario:
+            names += [n for n, _ in load(args.scenario).node_roles()]
+        if not 1 <= args.days <= 3650:
+            raise CertError(f"--days {args.days} must be in 1 .. 3650")
+        d = write_bundle(Path(args.dir), args.hosts, list(dict.fromkeys(names)), days=args.days)
+    except (ScenarioError, CertError, OSError) as exc:
+        print(f"certs: {exc}", file=sys.stderr)
+        return 2
+    print(f"{d}: ca.pem, server.pem/server.key" + (f", clients/<name>.pem/.key for {len(names)} node(s)" if names
+                                                  else "") + " (keys are mode 0600; keep ca.key off the node machines)")
+    return 0
+
+
+def _enrol(args) -> int:
+    from proto.certs import CertError, check_name
+
+    from .enrolment import write_folder
+    from .scenario import ScenarioError, load
+    names = [n.strip() for text in args.nodes for n in text.split(",") if n.strip()]
+    try:
+        if args.scenario:
+            names += [n for n, _ in load(args.scenario).node_roles()]
+        for n in names:
+            check_name(n)  # (each names a file)
+        write_folder(Path(args.dir), list(dict.fromkeys(names)))
+    except (ScenarioError, CertError, OSError, ValueError) as exc:
+        print(f"enrol: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.dir}: enrol.key" + (f", <name>.secret for {len(names)} node(s)" if names else "")
+          + " (mode 0600; run with security.enrol = true, security.enrol_dir = this folder; give each node machine "
+            "only its own <name>.secret: fednode --secret-file)")
     return 0
 
 

@@ -44,6 +44,7 @@ from proto.byzfed.v1 import adversary_pb2_grpc as apb_grpc
 from .addresses import advertised_address
 from .checks import _attack_classes, _is_loopback, check_roles, effective_knowledge  # noqa: F401 (re-exported)
 from .errors import Refusal
+from .security import server_tls
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
@@ -256,7 +257,9 @@ class ByzantineSupport:
         it listens on a wildcard address with no advertise host: the host of the node's orchestrator)."""
         if self.group and wants_collusion(s):
             bind = host or s.federation.host
-            self.collusion = CollusionServer(self.group, self._collusion_token, bind, 0)
+            tls = server_tls(s, coord.run_dir) if s.security.enabled else None
+            self.collusion = CollusionServer(self.group, self._collusion_token, bind, 0,
+                                             credentials=tls.credentials() if tls is not None else None)
             port = int(self.collusion.address.rsplit(":", 1)[1])
             self.collusion_address = advertised_address(bind, port, s.federation.advertise_host) or f":{port}"
             log.info("collusion service for %d Byzantine nodes on %s (nodes dial %s)", len(self.group),

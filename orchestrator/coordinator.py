@@ -24,7 +24,7 @@ from fednode.workload import build_model, load_dataset, partition
 from proto.layout import Layout
 from proto.seeding import generator
 
-from . import checkpoint
+from . import checkpoint, failpoints
 from .async_mode import AsyncKeeper
 from .collective import AggregationGroup, pick_device
 from .group import GroupError
@@ -32,6 +32,7 @@ from .defenses import build_defense
 from .drivers import AsyncRounds, SyncRounds
 from .errors import Refusal
 from .evaluate import evaluate
+from .enrolment import enrolment_for
 from .identity import SessionKeys
 from .ingest import Ingest
 from .membership import Membership
@@ -86,7 +87,7 @@ class Coordinator:
         (``group.py``); rank 0 leads, another rank is an ingest endpoint that follows."""
         self.s = scenario
         self.rank = rank
-        self.keys = keys or SessionKeys()
+        self.keys = (keys or SessionKeys()).lasting(scenario.security.token_seconds)
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.on_event = on_event or (lambda kind, info: None)
@@ -112,7 +113,8 @@ class Coordinator:
         self._names = {self._ids[i]: name for name, (i, _) in self.roster.items()}
         if rank == 0:
             self.membership = Membership(federation_token, fed.lease_seconds, keys=self.keys,
-                                         index_of=lambda name: self.roster[name][0])
+                                         index_of=lambda name: self.roster[name][0],
+                                         enrolment=enrolment_for(scenario, run_dir))
         else:
             from .group import RankMembership
             self.membership = RankMembership(self.keys, {i: name for name, (i, _) in self.roster.items()},
@@ -214,24 +216,33 @@ class Coordinator:
         return generator(self.s.seed, "coordinator", purpose, round_id)
 
     # ----- the run --------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed by it."""
+        s = self.s
+        return {"scenario": s.name, "seed": s.seed, "layout_hash": self.layout_hash, "defense": s.defense.name,
+                "algorithm": s.training.algorithm, "mode": s.federation.mode, "roster": sorted(self.roster)}
+
     def _maybe_resume(self) -> None:
+        """Rank 0 of a run folder that holds a checkpoint: go on from it (the model, the
+        round, the model version, the defense's and the server step's state), and drop
+        the metrics rows of rounds after it (they are run again; the dropped rows go to
+        ``metrics.interrupted.jsonl``)."""
         path = self.run_dir / "checkpoint.pt"
-        if not path.exists():
+        if self.rank != 0 or not path.exists():
             return
         ck = checkpoint.load(path)
-        if ck.get("layout_hash") != self.layout_hash:
-            raise RuntimeError(f"{path} was written for another model layout")
+        checkpoint.check_matches(path, ck, self._identity())
         self.model = GlobalModel(ck["global"].clone(), int(ck["model_version"]), ck.get("defense_state", {}),
                                  ck.get("step_state", {}))
         self.round_id = int(ck["next_round"])
-        self.on_event("resumed", {"round": self.round_id})
+        redone = self.metrics.rewind(self.round_id)
+        self.on_event("resumed", {"round": self.round_id, "rows_redone": redone})
 
     def _checkpoint(self) -> None:
         m = self.model
         checkpoint.save(self.run_dir / "checkpoint.pt", {
             "global": m.weights.cpu(), "next_round": self.round_id, "model_version": m.version,
-            "layout_hash": self.layout_hash, "defense_state": m.defense_state, "step_state": m.step_state,
-            "scenario": self.s.name})
+            "defense_state": m.defense_state, "step_state": m.step_state, **self._identity()})
 
     def _expire_loop(self) -> None:
         while not self.shutdown.wait(0.25):
@@ -269,6 +280,7 @@ class Coordinator:
                 self.round_id += 1
                 if self.s.output.checkpoint_every and self.round_id % self.s.output.checkpoint_every == 0:
                     self._checkpoint()
+                failpoints.reached("between", self.round_id - 1)
         finally:
             self.shutdown.set()
             if self.leader is not None:

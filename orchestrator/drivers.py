@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from . import failpoints
 from .async_mode import AsyncKeeper, staleness_weights
 from .pipeline import manifest_of
 from .selection import select
@@ -108,6 +109,7 @@ class SyncRounds(Driver):
                 with c.leader.commands.lock:
                     rows = c.leader.gather(rnd, ids, list(manifest.num_samples))
                     result = c.leader.commands.call(c.pipeline.defend, c.model, r_id, rows, manifest)
+            failpoints.reached("aggregate", r_id)
             c.pipeline.apply(c.model, result, manifest, row, time.monotonic() - t1)
         finally:
             c.store.drop()

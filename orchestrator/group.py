@@ -63,7 +63,7 @@ import torch.distributed as dist
 
 from .collective import AggregationGroup, open_store, pick_device
 from .errors import Refusal
-from .identity import KEY_BYTES, SessionKeys, index_of
+from .identity import KEY_BYTES, SessionKeys, TokenRefused, index_of
 from .rounds import Round, Upload
 
 log = logging.getLogger("orchestrator.group")
@@ -542,7 +542,11 @@ class RankMembership:
         self.keys, self.names, self.lease_seconds, self.rank = keys, names, lease_seconds, rank
 
     def authenticate(self, node_id: str, token: str, *, require_alive: bool = True):
-        if not self.keys.check_token(node_id, token) or index_of(node_id) not in self.names:
+        try:
+            self.keys.verify(node_id, token)  # (expired: its own message, as at the leader)
+        except TokenRefused as e:
+            raise Refusal("unauthenticated", str(e)) from None
+        if index_of(node_id) not in self.names:
             raise Refusal("unauthenticated", "session token does not belong to this node id")
         return _Seen(node_id, self.names[index_of(node_id)])
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 SELECTING = frozenset({"krum", "multikrum", "bulyan", "geomed", "vdc", "stpa"})
 """Rules whose accepted mask is a real choice of clients (a subset, by scores or clusters),
@@ -108,6 +108,27 @@ def safe_id(text: str, limit: int = 120) -> str:
     if len(out) > limit:
         out = f"{out[:limit - 9].rstrip('-.')}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     return out
+
+
+def override_tag(overrides: Sequence[str], limit: int = 80) -> str:
+    """The ``--set`` values of a run as a short folder-name part: ``rounds=5__name=median``.
+
+    Each ``key=value`` keeps its key's last part (the full key when two overrides share
+    that part), its value without TOML quotes; then :func:`safe_id` makes the whole
+    filesystem-safe and cuts a long one (with a hash of the whole). ``""`` for none."""
+    pairs = []
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        key, value = key.strip(), value.strip()
+        pairs.append((key, value.strip("\"'") if sep else ""))
+    if not pairs:
+        return ""
+    last = [k.rsplit(".", 1)[-1] for k, _ in pairs]
+    parts = []
+    for (key, value), short in zip(pairs, last):
+        name = short if last.count(short) == 1 else key
+        parts.append(f"{name}={value}" if value else name)
+    return safe_id("__".join(parts), limit)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -1,10 +1,12 @@
 """Launching node processes, in one place.
 
 :class:`NodeLaunch` turns a scenario's node into a :class:`NodeProcess`: the
-argv (``python -m fednode`` with the orchestrator address, name and token, the
-role's ``--behaviour`` and ``--churn`` JSON, and this machine's idle-mode and
-training-slot options), the environment (a fixed secret for nodes that rejoin
-or restart, so they get their node id back) and the restart policy
+argv (``python -m fednode`` with the orchestrator address and name, the role's
+``--behaviour`` and ``--churn`` JSON, the run's TLS files and this machine's
+idle-mode and training-slot options), the environment (the federation token, as
+``BYZFED_TOKEN``: never on a command line, which every user of the machine can read
+in ``ps``; a fixed secret for nodes that rejoin or restart, so they get their node
+id back) and the restart policy
 (``restart_after_seconds``). :class:`NodeHost` starts one machine's share of
 the nodes on that schedule (now, at a round, after a delay), restarts crashed
 ones and reports deaths; the local runner is one node host for every node, and
@@ -33,8 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from proto.tls import ENV_CA, ENV_CERT, ENV_KEY, ClientTls
+
 from .checks import idle_mode
+from .enrolment import enrolment_for
 from .scenario import RoleSection, Scenario
+from .security import bundle, node_tls
 
 log = logging.getLogger("orchestrator.launch")
 
@@ -91,14 +97,32 @@ def restartable(role: RoleSection) -> bool:
     return role.restart_after_seconds >= 0
 
 
-def node_argv(address: str, name: str, token: str, role: RoleSection, scenario: Scenario,
-              extra: Optional[dict] = None) -> list[str]:
-    """``python -m fednode`` for one node of ``scenario`` (without this machine's options)."""
-    argv = [sys.executable, "-m", "fednode", "--orchestrator", address, "--name", name, "--token", token]
+def node_env(token: str) -> dict[str, str]:
+    """The environment that carries the federation token to a node (never its argv;
+    ``fednode`` reads ``BYZFED_TOKEN``; :meth:`NodeLaunch.describe` adds the node secret,
+    ``BYZFED_NODE_SECRET``: its enrolment secret with ``security.enrol``). The node's
+    behaviour, secret and TLS files come from the launcher alone (:func:`node_argv`), never from variables this process inherited."""
+    return {"BYZFED_TOKEN": token, "BYZFED_BEHAVIOUR": "", "BYZFED_NODE_SECRET": "",
+            "BYZFED_NODE_SECRET_FILE": "", ENV_CA: "", ENV_CERT: "", ENV_KEY: ""}
+
+
+def node_argv(address: str, name: str, role: RoleSection, scenario: Scenario,
+              extra: Optional[dict] = None, tls: Optional[ClientTls] = None,
+              env: Optional[dict[str, str]] = None) -> list[str]:
+    """``python -m fednode`` for one node of ``scenario`` (without this machine's options).
+    The token is not in it: start the process with :func:`node_env`. ``tls``: the node's
+    CA (and client certificate for mutual TLS), paths only. ``env``: when given, the
+    behaviour JSON (which carries the collusion and view tokens) goes into it as
+    ``BYZFED_BEHAVIOUR`` instead of onto the command line."""
+    argv = [sys.executable, "-m", "fednode", "--orchestrator", address, "--name", name]
+    if tls is not None:
+        argv += ["--tls-ca", tls.ca] + (["--tls-cert", tls.cert, "--tls-key", tls.key] if tls.cert else [])
     if scenario.data.data_dir:
         argv += ["--data-dir", scenario.data.data_dir]
     b = behaviour_json(role, scenario.seed, extra)
-    if b:
+    if b and env is not None:
+        env["BYZFED_BEHAVIOUR"] = b
+    elif b:
         argv += ["--behaviour", b]
     c = churn_json(role, scenario.seed)
     if c:
@@ -118,13 +142,18 @@ class NodeLaunch:
         self.s, self.address, self.token, self.run_dir, self.extra = scenario, address, token, run_dir, extra
         self.roles = dict(scenario.node_roles())
         self._options = launch_args(scenario, run_dir, slot_dir)
-        self._secrets = {n: secrets.token_hex(16) for n, r in self.roles.items()
-                         if r.rejoin_at_round > 0 or restartable(r)}
+        enrolled = enrolment_for(scenario, run_dir)  # [security] enrol: each name's secret, else random ones
+        self._secrets = ({n: enrolled.secret(n) for n in self.roles} if enrolled is not None else
+                         {n: secrets.token_hex(16) for n, r in self.roles.items() if r.rejoin_at_round > 0 or restartable(r)})
+        self._certs = bundle(scenario, run_dir)  # [security]: the run's certificate folder, None without TLS
 
     def describe(self, name: str, key: Optional[str] = None) -> NodeProcess:
         role = self.roles[name]
-        env = {"BYZFED_NODE_SECRET": self._secrets[name]} if name in self._secrets else {}
-        argv = node_argv(self.address, name, self.token, role, self.s, self.extra(name, role)) + self._options
+        env = node_env(self.token)
+        if name in self._secrets:
+            env["BYZFED_NODE_SECRET"] = self._secrets[name]
+        argv = node_argv(self.address, name, role, self.s, self.extra(name, role),
+                         node_tls(self.s, self._certs, name), env) + self._options
         return NodeProcess(name, key or name, tuple(argv), env, self.run_dir / "nodes" / f"{name}.log",
                            role.restart_after_seconds)
 
@@ -163,40 +192,228 @@ def _die_with_parent() -> Optional[Callable[[], None]]:
     return lambda: prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
 
+FORK_ENV = "BYZFED_FORK_SERVER"
+"""``0`` starts every node as a fresh ``python -m fednode`` process instead of forking it
+from the warm fork server (``fednode/forkserver.py``)."""
+
+
+def _is_node(argv: list[str]) -> bool:
+    return len(argv) >= 3 and argv[0] == sys.executable and argv[1:3] == ["-m", "fednode"]
+
+
+class ForkedProcess:
+    """A node process forked by the :class:`ForkServer`: the parts of ``subprocess.Popen``
+    the launcher uses (``pid``, ``poll``, ``returncode``, ``wait``, signals). Its exit
+    status comes from the server, which is its parent and reaps it."""
+
+    def __init__(self, server: "ForkServer", pid: int, args: list[str]) -> None:
+        self.server, self.pid, self.args = server, pid, args
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.server.exit_code(self.pid)
+
+    def poll(self) -> Optional[int]:
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            if end is not None and time.monotonic() >= end:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # (never signal a PID the server has reaped: it may be reused)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+class ForkServer:
+    """The launcher's side of ``fednode/forkserver.py``: the server process (started on
+    first use, from a thread of its own that lives as long as this object, so
+    ``die_with_parent`` ties the server, and through it every node, to this process),
+    the socket pair, and the exit codes the server reports."""
+
+    def __init__(self, preexec: Optional[Callable[[], None]], log_path: Optional[Path]) -> None:
+        import socket
+
+        self._mine, theirs = socket.socketpair()
+        self._codes: dict[int, int] = {}
+        self._replies: dict[int, dict] = {}
+        self._cond = threading.Condition()
+        self._next = 0
+        self._send_lock = threading.Lock()
+        self.closed = threading.Event()
+        self.proc: Optional[subprocess.Popen] = None
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def hold() -> None:  # the thread that starts the server lives until close()
+            try:
+                out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
+                try:
+                    self.proc = subprocess.Popen(
+                        [sys.executable, "-m", "fednode.forkserver", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
+                finally:
+                    if log_path is not None:
+                        out.close()
+            except BaseException as e:
+                failure.append(e)
+            finally:
+                theirs.close()
+                started.set()
+            self.closed.wait()
+
+        threading.Thread(target=hold, name="fork-server", daemon=True).start()
+        started.wait()
+        if failure:
+            raise failure[0]
+        self._buf = b""
+        hello = self._read_one(timeout=120.0)
+        if hello is None or "ready" not in hello:
+            self.close()
+            raise RuntimeError(f"the node fork server did not start (its log: {log_path})")
+        threading.Thread(target=self._reader, name="fork-server-reader", daemon=True).start()
+
+    def _read_one(self, timeout: float) -> Optional[dict]:
+        self._mine.settimeout(timeout)
+        try:
+            while b"\n" not in self._buf:
+                data = self._mine.recv(1 << 16)
+                if not data:
+                    return None
+                self._buf += data
+        except OSError:
+            return None
+        finally:
+            self._mine.settimeout(None)
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def _reader(self) -> None:
+        while True:
+            msg = self._read_one(timeout=None)
+            with self._cond:
+                if msg is None:  # the server is gone: its children were SIGKILLed with it
+                    self.closed.set()
+                    self._cond.notify_all()
+                    return
+                if "exit" in msg:
+                    self._codes[int(msg["exit"])] = int(msg["code"])
+                else:
+                    self._replies[int(msg["id"])] = msg
+                self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed.is_set() and self.proc is not None and self.proc.poll() is None
+
+    def exit_code(self, pid: int) -> Optional[int]:
+        with self._cond:
+            code = self._codes.get(pid)
+            if code is None and self.closed.is_set():
+                return -signal.SIGKILL
+            return code
+
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Optional[Path],
+              cwd: Optional[Path]) -> ForkedProcess:
+        with self._cond:
+            self._next += 1
+            rid = self._next
+        req = {"id": rid, "argv": argv[3:], "env": env, "log": str(log_path) if log_path else "",
+               "cwd": str(cwd) if cwd else ""}
+        with self._send_lock:
+            self._mine.sendall(json.dumps(req).encode() + b"\n")
+        with self._cond:
+            if not self._cond.wait_for(lambda: rid in self._replies or self.closed.is_set(), timeout=60.0) \
+                    or rid not in self._replies:
+                raise RuntimeError("the node fork server did not answer")
+            reply = self._replies.pop(rid)
+        if "error" in reply:
+            raise OSError(f"the node fork server could not fork: {reply['error']}")
+        return ForkedProcess(self, int(reply["pid"]), argv)
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop the server by its PID (after its nodes: see ChildProcesses.stop_all)."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                pass
+        try:
+            self._mine.close()
+        except OSError:
+            pass
+        self.closed.set()
+
+
 class ChildProcesses:
     """Processes this launcher started, stopped by PID only. ``die_with_parent``: each child
     is SIGKILLed by the kernel if this process dies (node hosts of an ``mpirun`` job: a host
     killed takes its nodes with it). The signal comes when the *thread* that started the
     child ends, so children must be started from threads that live until :meth:`stop_all`."""
 
-    def __init__(self, die_with_parent: bool = False) -> None:
+    def __init__(self, die_with_parent: bool = False, fork_nodes: Optional[bool] = None) -> None:
         self._preexec = _die_with_parent() if die_with_parent else None
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | ForkedProcess] = {}
         self.described: dict[str, NodeProcess] = {}
         self._lock = threading.Lock()
+        self.fork_nodes = os.environ.get(FORK_ENV, "1") != "0" if fork_nodes is None else fork_nodes
+        """Start ``python -m fednode`` processes by forking them from the warm fork server."""
+        self.fork_server: Optional[ForkServer] = None
+        self._fork_lock = threading.Lock()
 
-    def start(self, proc: NodeProcess) -> subprocess.Popen:
+    def _forker(self, log_path: Optional[Path]) -> Optional[ForkServer]:
+        with self._fork_lock:
+            if self.fork_server is None or not self.fork_server.alive:
+                if self.fork_server is not None:
+                    log.warning("the node fork server ended; starting another")
+                where = None if log_path is None else log_path.parent / "forkserver.log"
+                self.fork_server = ForkServer(self._preexec, where)
+            return self.fork_server
+
+    def start(self, proc: NodeProcess) -> subprocess.Popen | ForkedProcess:
         return self.spawn(proc.key, list(proc.argv), proc.log, proc.env, proc)
 
     def spawn(self, name: str, argv: list[str], log_path: Optional[Path], env: Optional[dict] = None,
-              described: Optional[NodeProcess] = None, cwd: Optional[Path] = None) -> subprocess.Popen:
+              described: Optional[NodeProcess] = None, cwd: Optional[Path] = None) -> subprocess.Popen | ForkedProcess:
         out = subprocess.DEVNULL
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            out = open(log_path, "ab")
-        try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=self._preexec)
-        finally:
+        if self.fork_nodes and _is_node(argv):
+            proc = self._forker(log_path).spawn(argv, {**os.environ, **(env or {})}, log_path, cwd)
+        else:
             if log_path is not None:
-                out.close()
+                out = open(log_path, "ab")
+            try:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=self._preexec)
+            finally:
+                if log_path is not None:
+                    out.close()
         with self._lock:
             self.procs[name] = proc
             if described is not None:
                 self.described[name] = described
         return proc
 
-    def snapshot(self) -> dict[str, subprocess.Popen]:
+    def snapshot(self) -> dict[str, subprocess.Popen | ForkedProcess]:
         with self._lock:
             return dict(self.procs)
 
@@ -225,6 +442,9 @@ class ChildProcesses:
                 except ProcessLookupError:
                     pass
                 p.wait()
+        with self._fork_lock:
+            if self.fork_server is not None:
+                self.fork_server.close(grace)
 
 
 class Restarter:
@@ -301,7 +521,7 @@ class NodeHost:
         self.exits: list[tuple[str, int, int]] = []
         """``(key, pid, returncode)`` of every child that ended while the run went on."""
 
-    def start(self, name: str, key: str) -> subprocess.Popen:
+    def start(self, name: str, key: str) -> subprocess.Popen | ForkedProcess:
         proc = self.children.start(self.launch.describe(name, key))
         log.info("started %s (pid %d)", key, proc.pid)
         return proc

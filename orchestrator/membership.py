@@ -8,10 +8,15 @@ The federation token is checked before anything else of a join is looked at
 (:meth:`Membership.check_token`). A join under a name that another holder of the
 federation token already holds (other node secret) is refused with
 :class:`NameTaken`; each such conflict is counted (:attr:`Membership.name_conflicts`)
-and logged as a warning naming the node (once per name per minute). Enrolled
-identities (a per-node credential issued ahead of time) are not built yet: until
-then any holder of the federation token can claim a roster name that has not
-joined yet, and the real node is told so and exits (``fednode.node``).
+and logged as a warning naming the node (once per name per minute). Without enrolled
+names any holder of the federation token can claim a roster name that has not joined
+yet, and the real node is told so and exits (``fednode.node``); with ``security.enrol``
+a join must present its name's enrolment secret as its node secret (``enrolment``), so
+no name can be squatted or taken over with the federation token alone.
+
+Session tokens carry their epoch (``identity.SessionKeys``): :meth:`Membership.heartbeat`
+hands a node a fresh token when the epoch has turned, an expired one is refused
+(``unauthenticated``, "session token expired") and the node re-joins with its secret.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .errors import Refusal
-from .identity import SessionKeys
+from .identity import SessionKeys, TokenRefused
 
 log = logging.getLogger("orchestrator.membership")
 
@@ -69,12 +74,17 @@ def _digest(secret: str) -> bytes:
 
 class Membership:
     def __init__(self, federation_token: str, lease_seconds: float, clock: Callable[[], float] = time.monotonic,
-                 keys: Optional[SessionKeys] = None, index_of: Optional[Callable[[str], int]] = None) -> None:
-        """``keys`` and ``index_of`` (a roster name -> its index): node ids and session tokens
-        derived from the run's key (``identity.SessionKeys``), so that every aggregation
-        rank can verify a session; without them, random ones (unit tests, tools)."""
+                 keys: Optional[SessionKeys] = None, index_of: Optional[Callable[[str], int]] = None,
+                 enrolment=None) -> None:
+        """``keys`` and ``index_of`` (a roster name -> its index): node ids derived from the
+        run's key (``identity.SessionKeys``), so that every aggregation rank can verify a
+        session; without them, random ids (unit tests, tools). Session tokens always come
+        from ``keys`` (a random key by default). ``enrolment``: an ``enrolment.Enrolment``
+        whose secrets joins must present (None: any node secret proves re-joins)."""
         self._federation_token = federation_token
-        self._keys, self._index_of = keys, index_of
+        self._derive_ids = keys is not None and index_of is not None
+        self._keys, self._index_of = keys or SessionKeys(), index_of
+        self.enrolment = enrolment
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -94,6 +104,8 @@ class Membership:
         self.check_token(federation_token)
         if not name or len(name) > 128 or not secret:
             raise Refusal("invalid", "node name (1-128 chars) and node secret are required")
+        if self.enrolment is not None:
+            self.enrolment.check(name, secret)  # (before the name is looked at: squatting is refused too)
         with self._lock:
             member = self._by_name.get(name)
             if member is not None:
@@ -106,13 +118,14 @@ class Membership:
                     self.events.append(("join", member.node_id))
                 member.alive = True
                 member.joins += 1
+                member.token = self._keys.token(member.node_id)  # (of the current epoch)
                 member.num_samples = num_samples
                 return member, True
-            if self._keys is not None and self._index_of is not None:
+            if self._derive_ids:
                 node_id = self._keys.node_id(self._index_of(name), name)
-                token = self._keys.token(node_id)
             else:
-                node_id, token = f"n{len(self._by_name):04d}-{secrets.token_hex(3)}", secrets.token_hex(16)
+                node_id = f"n{len(self._by_name):04d}-{secrets.token_hex(3)}"
+            token = self._keys.token(node_id)
             member = Member(node_id=node_id, name=name, secret_digest=_digest(secret), token=token,
                             num_samples=num_samples, lease_expiry=self._clock() + self.lease_seconds,
                             joined_round=current_round, info=dict(info or {}))
@@ -132,18 +145,25 @@ class Membership:
                         _echo(name), self._by_name[name].node_id, n)
 
     def authenticate(self, node_id: str, token: str, *, require_alive: bool = True) -> Member:
+        try:
+            self._keys.verify(node_id, token)
+        except TokenRefused as e:
+            raise Refusal("unauthenticated", str(e)) from None
         with self._lock:
             member = self._by_id.get(node_id)
-            if member is None or not hmac.compare_digest(member.token.encode(), token.encode()):
+            if member is None:
                 raise Refusal("unauthenticated", "session token does not belong to this node id")
             if require_alive and not member.alive:
                 raise Refusal("not_found", f"node {node_id} is not a member (left or lease expired); join again")
             return member
 
     def heartbeat(self, node_id: str, token: str) -> Member:
+        """Renew the lease; ``member.token`` is then of the current epoch (a fresh one when
+        ``token`` is older: the caller hands it to the node when it differs from ``token``)."""
         member = self.authenticate(node_id, token)
         with self._lock:
             member.lease_expiry = self._clock() + self.lease_seconds
+            member.token = self._keys.token(node_id)  # (one per node and epoch)
         return member
 
     def leave(self, node_id: str, token: str) -> None:

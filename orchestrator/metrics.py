@@ -15,6 +15,22 @@ class MetricsWriter:
         if self.path.exists():  # resuming: keep what was recorded
             self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def rewind(self, next_round: int) -> int:
+        """Resuming at ``next_round``: keep the rows of earlier rounds (rewritten
+        atomically); the later ones, written after the checkpoint and run again now,
+        are appended to ``metrics.interrupted.jsonl``. Returns how many were dropped."""
+        keep = [r for r in self.rows if int(r.get("round", -1)) < next_round]
+        dropped = [r for r in self.rows if int(r.get("round", -1)) >= next_round]
+        if not dropped:
+            return 0
+        with (self.run_dir / "metrics.interrupted.jsonl").open("a") as fh:
+            fh.writelines(json.dumps(r, default=_jsonable) + "\n" for r in dropped)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, default=_jsonable) + "\n" for r in keep))
+        tmp.replace(self.path)
+        self.rows = keep
+        return len(dropped)
+
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with self.path.open("a") as fh:

@@ -492,7 +492,7 @@ def main(scenario_path: str, overrides: list[str], out: Optional[str] = None, ru
         fed = scenario.federation
         dial = fed.advertise_host or ("127.0.0.1" if is_wildcard(fed.host) else fed.host)
         rendezvous = f"tcp://{host_port(advertise, free_port(advertise if one_host else '0.0.0.0'))}" if W > 1 else ""
-        common = {"run_dir": str(Path(run_dir) if run_dir else make_run_dir(scenario, out)),
+        common = {"run_dir": str(Path(run_dir) if run_dir else make_run_dir(scenario, out, overrides)),
                   "token": token or os.environ.get("BYZFED_TOKEN") or secrets.token_hex(16),
                   "orchestrator": host_port(dial, fed.port), "rendezvous": rendezvous, "ranks": W,
                   "hosts": [r["host"] for r in ranks]}

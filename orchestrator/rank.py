@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from . import failpoints
 from .addresses import is_wildcard
 from .collective import pick_device
 from .coordinator import Coordinator
@@ -23,6 +24,7 @@ def follow(scenario, run_dir: Path, rank: int, world: int, rendezvous: str, adve
     ingest endpoint, follow the leader's commands until ``STOP``. Returns an exit code
     (0: the leader ended the run; 1: the group failed and could not re-form with this
     rank in it)."""
+    failpoints.set_rank(rank)
     spec = GroupSpec(rank, world, rendezvous, advertise_host)
     device = pick_device(scenario.aggregation.device)
     group, keys, roster = form(spec, device, scenario.aggregation.timeout_seconds)

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from . import failpoints
 from .errors import Refusal
 
 
@@ -209,6 +210,7 @@ class RoundKeeper:
                 raise Refusal("stale", f"round {r.round_id} closed ({r.outcome}) before the upload finished")
             r.uploads[upload.node_id] = upload
             self._cond.notify_all()
+        failpoints.reached("collect", r.round_id)
 
     def wait_close(self, is_alive: Callable[[str], bool], poll: float = 0.2) -> Round:
         """Block until the open round can close; close it and return it."""

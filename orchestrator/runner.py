@@ -9,15 +9,17 @@ ever killed by name.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
 
 from rich.console import Console
 
 from .adversary import ByzantineSupport
 from .coordinator import Coordinator
+from .labels import override_tag
 from .launch import ChildProcesses, NodeHost, NodeLaunch, behaviour_json
 from .progress import LiveProgress, summary_table
 from .scenario import Scenario
@@ -27,13 +29,18 @@ if TYPE_CHECKING:
     from .group import GroupSpec
 
 
-def make_run_dir(scenario: Scenario, root: Optional[str] = None) -> Path:
+def make_run_dir(scenario: Scenario, root: Optional[str] = None, overrides: Sequence[str] = ()) -> Path:
+    """``ROOT/<name>[__<overrides>]-<timestamp>``: the ``--set`` values a run was given name
+    its folder (``attack-signflip__name=median__f=3-20261201-231500``), so runs of one
+    scenario with different values stay apart (:func:`labels.override_tag`)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root or scenario.output.dir)
-    run_dir = base / f"{scenario.name}-{stamp}"
+    tag = override_tag(overrides)
+    stem = f"{scenario.name}__{tag}" if tag else scenario.name
+    run_dir = base / f"{stem}-{stamp}"
     i = 1
     while run_dir.exists():
-        run_dir = base / f"{scenario.name}-{stamp}-{i}"
+        run_dir = base / f"{stem}-{stamp}-{i}"
         i += 1
     return run_dir
 
@@ -90,7 +97,16 @@ def run_scenario(scenario: Scenario, run_dir: Path, console: Optional[Console] =
     local: Optional[NodeHost] = None
     if not spawn_nodes and hosts is None:
         reach = coord.ingest_address or f"<this machine's host or IP>:{port}"  # never the wildcard bind address
-        console.print(f"waiting for nodes: fednode --orchestrator {reach} --name <name> --token {token}")
+        token_file = run_dir / "federation.token"  # (never printed: a console is often logged or shared)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        tls_hint = " --tls-ca <the run's ca.pem>" if scenario.security.enabled else ""
+        if scenario.security.enrol:
+            from .enrolment import folder_of
+            tls_hint += f" --secret-file {folder_of(scenario, run_dir)}/<name>.secret"
+        console.print(f"waiting for nodes: fednode --orchestrator {reach} --name <name> --token-file {token_file}"
+                      f"{tls_hint}  (copy the token file to each node's machine, mode 0600)")
         if support.group:
             path = support.write_behaviours(run_dir, {n: behaviour_json(r, scenario.seed, support.behaviour_extra(n, r))
                                                       for n, r in scenario.node_roles() if r.byzantine})

@@ -165,6 +165,33 @@ class AdversarySection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecuritySection:
+    """TLS on every gRPC channel of the run (``orchestrator/security.py``)."""
+    tls: bool = False
+    """Nodes, aggregation ranks' ingest endpoints, the collusion service and the adversary view
+    all speak TLS; nodes verify the server's certificate against the run's CA."""
+    mtls: bool = False
+    """Mutual TLS (implies tls): every client must present a certificate of the run's CA
+    (one per node, CN = the node's name)."""
+    certs: str = ""
+    """Folder of a bundle made by ``./launch.sh certs`` (ca.pem, server.pem/.key,
+    clients/<name>.pem/.key). '': a throwaway CA and certificates in RUN_DIR/certs."""
+    token_seconds: float = 600.0
+    """Epoch of a session token (``orchestrator/identity.py``): a token is accepted for its
+    own epoch and one epoch either side, so it lives 1-2 x this long; heartbeats hand the
+    node a fresh one when the epoch turns, an expired one makes the node re-join."""
+    enrol: bool = False
+    """Enrolled node names (``orchestrator/enrolment.py``): a join must present its name's
+    enrolment secret as its node secret, so the federation token alone takes no name."""
+    enrol_dir: str = ""
+    """Folder of ``./launch.sh enrol`` (enrol.key, <name>.secret). '': RUN_DIR/enrol."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.tls or self.mtls
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutputSection:
     dir: str = "runs"
     checkpoint_every: int = 1
@@ -183,6 +210,7 @@ class Scenario:
     defense: DefenseSection = field(default_factory=DefenseSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
     roles: tuple[RoleSection, ...] = (RoleSection(name="honest", count=10),)
     output: OutputSection = field(default_factory=OutputSection)
 
@@ -324,6 +352,25 @@ def _validate(s: Scenario) -> None:
          f"= {s.aggregation.ranks}: several aggregation ranks run synchronous rounds only "
          "(with federation.mode = 'async' allowed: 1)")
     need(s.aggregation.timeout_seconds >= 5, "aggregation.timeout_seconds", "must be >= 5 seconds")
+    need(not s.security.certs or s.security.enabled, "security.certs",
+         f"= {s.security.certs!r} is set but TLS is off; set security.tls = true (or mtls = true), or leave it ''")
+    need(s.security.certs == s.security.certs.strip(), "security.certs",
+         f"= {s.security.certs!r} has leading or trailing spaces")
+    need(1 <= s.security.token_seconds <= 7 * 86400, "security.token_seconds",
+         f"= {s.security.token_seconds:g} must be in 1 .. 604800 seconds")
+    need(s.security.token_seconds >= fed.lease_seconds / 2, "security.token_seconds",
+         f"= {s.security.token_seconds:g} must be >= federation.lease_seconds / 2 = {fed.lease_seconds / 2:g} s: "
+         "nodes heartbeat every lease_seconds / 3 and must pick up each rotated token before the old one expires")
+    need(not s.security.enrol_dir or s.security.enrol, "security.enrol_dir",
+         f"= {s.security.enrol_dir!r} is set but security.enrol is off; set security.enrol = true, or leave it ''")
+    if s.security.mtls or s.security.enrol:  # certificate and secret files are named after each node
+        from proto.certs import CertError, check_name
+        for i, r in enumerate(s.roles):
+            try:
+                check_name(f"{r.name}-000")
+            except CertError:
+                need(False, f"roles[{i}].name", f"= {_echo(r.name)}: with security.mtls or enrol node names name "
+                     "certificate and secret files; use letters, digits, '.', '_' or '-', not starting with '.' or '-'")
     need(len(s.roles) >= 1 and s.num_nodes >= 1, "roles", "must describe at least one node")
     seen = set()
     for i, r in enumerate(s.roles):

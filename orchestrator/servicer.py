@@ -38,10 +38,12 @@ from google.protobuf.message import DecodeError
 
 from proto import codec
 from proto.byzfed.v1 import federation_pb2 as pb
+from proto.tls import ServerTls, add_port
 
 from .addresses import advertised_address, host_port
 from .coordinator import Coordinator
 from .errors import Refusal
+from .enrolment import NOT_ENROLLED, NotEnrolled
 from .membership import NAME_TAKEN, NameTaken
 
 log = logging.getLogger("orchestrator.servicer")
@@ -486,6 +488,8 @@ class FederationServicer:
         self._weights: Optional[tuple[bytes, pb.TensorHeader]] = None
         self.refused_bytes = 0
         """Bytes of refused requests since the heap was last trimmed (:class:`Trimmer`)."""
+        self.certificate_names = False
+        """Mutual TLS: the node name of a ``Join`` must be its client certificate's CN."""
 
     # ----- plumbing -----------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -508,6 +512,8 @@ class FederationServicer:
         and a flood of refused calls would then cost full garbage collections.)"""
         if isinstance(e, NameTaken):  # the node tells this from a wrong federation token
             context.set_trailing_metadata((("byzfed-refusal", NAME_TAKEN),))
+        elif isinstance(e, NotEnrolled):
+            context.set_trailing_metadata((("byzfed-refusal", NOT_ENROLLED),))
         if isinstance(e, Refusal):
             context.set_code(STATUS[e.reason])
             context.set_details(e.message)
@@ -536,12 +542,14 @@ class FederationServicer:
     # ----- unary calls ------------------------------------------------------------------
     async def Join(self, raw: bytes, context) -> pb.JoinReply:
         try:
-            return self._join(raw)
+            return self._join(raw, _certificate_name(context) if self.certificate_names else None)
         except (Refusal, EdgeRefusal) as e:
             self.refused_bytes += len(raw)
             self._refuse(context, e)
 
-    def _join(self, raw: bytes) -> pb.JoinReply:
+    def _join(self, raw: bytes, certificate_name: Optional[str] = None) -> pb.JoinReply:
+        """``certificate_name``: the caller's client-certificate CN under mutual TLS, which the
+        node name must equal (None: names are not bound to certificates)."""
         c, lim = self.coord, self.limits
         # the federation token first, whatever else the request holds (gRPC's message limit
         # bounds what reaches here); then the request's own size limit and its fields
@@ -559,6 +567,10 @@ class FederationServicer:
             raise Refusal("permission_denied", f"node name {echo(cred.node_name)} is not in scenario "
                                                f"{echo(c.s.name)}; expected one of {echo(min(c.roster))} .. "
                                                f"{echo(max(c.roster))}")
+        if certificate_name is not None and certificate_name != cred.node_name:
+            raise Refusal("unauthenticated", f"node name {echo(cred.node_name)} is not the name of the client "
+                                             f"certificate this connection presented ({echo(certificate_name)}): "
+                                             "with security.mtls a node joins only under its certificate's name")
         workload = c.workload_for(cred.node_name)
         member, rejoined = c.membership.join(cred.node_name, cred.node_secret, cred.federation_token,
                                              req.num_samples, c.round_id,
@@ -588,8 +600,10 @@ class FederationServicer:
             c.keeper.mark_downloaded(m.node_id, req.received_round)
         task = c.keeper.task_for(m.node_id)
         nonce = task.nonce_of(m.node_id) if task is not None and hasattr(task, "nonces") else ""  # sync rounds only
+        fresh = m.token if m.token != req.session.session_token else ""  # the epoch turned: rotate
         return pb.HeartbeatReply(lease_seconds=c.membership.lease_seconds, current_round=c.round_id,
-                                 selected=task is not None, shutdown=c.shutdown.is_set(), upload_nonce=nonce)
+                                 selected=task is not None, shutdown=c.shutdown.is_set(), upload_nonce=nonce,
+                                 session_token=fresh)
 
     async def Leave(self, raw: bytes, context) -> pb.LeaveReply:
         try:
@@ -806,9 +820,11 @@ class Server:
     ``stop(grace)`` stops it (calls still open after ``grace`` seconds are cancelled) and
     returns a ``threading.Event`` that is set once it has stopped, as ``grpc.Server.stop``."""
 
-    def __init__(self, coord: Coordinator, limits: Limits, max_workers: int) -> None:
+    def __init__(self, coord: Coordinator, limits: Limits, max_workers: int, tls: Optional[ServerTls] = None) -> None:
         self.coord = coord
         self.limits = limits
+        self.tls = tls
+        """The port's TLS (``[security]``; None: plaintext)."""
         # blocking work of the calls (finiteness checks, serialising the weights): a small pool
         self.pool = futures.ThreadPoolExecutor(max_workers=max(1, min(4, max_workers)), thread_name_prefix="grpc-work")
         self.loop = asyncio.new_event_loop()
@@ -854,10 +870,12 @@ class Server:
         self.servicer = FederationServicer(self.coord, lim, self.pool)
         hard_cap = lim.max_unauthenticated_streams + self.servicer.admission.max_total + 4096
         server = grpc.aio.server(options=grpc_options(), maximum_concurrent_rpcs=hard_cap)
+        # mutual TLS: a node joins only under its client certificate's CN
+        self.servicer.certificate_names = self.tls is not None and self.tls.require_client_auth
         server.add_generic_rpc_handlers((self.servicer.handler(),))
         from .adversary import add_adversary_view  # only with [adversary] omniscient = true (simulation only)
         self.coord.adversary_view = add_adversary_view(server, self.coord)
-        bound = server.add_insecure_port(address)
+        bound = add_port(server, address, self.tls)
         if bound == 0:
             raise RuntimeError(f"cannot listen on {address}")
         await server.start()
@@ -907,15 +925,36 @@ class Server:
 
 
 def serve(coord: Coordinator, host: str, port: int, max_workers: int,
-          advertise_host: Optional[str] = None, *, limits: Optional[Limits] = None) -> tuple[Server, int]:
+          advertise_host: Optional[str] = None, *, limits: Optional[Limits] = None,
+          tls: Any = "scenario") -> tuple[Server, int]:
     """Start the gRPC server on ``host:port`` (0 picks a free port); returns it and the port.
     Nodes are told to upload to :func:`advertised_address` (``advertise_host`` defaults to
     the scenario's ``federation.advertise_host``). ``max_workers`` bounds the small
     executor for blocking work (at most 4 threads): calls themselves hold no thread.
-    ``limits``: what one client may cost (:class:`Limits`; default ``Limits()``)."""
-    server = Server(coord, limits or Limits(), max_workers)
+    ``limits``: what one client may cost (:class:`Limits`; default ``Limits()``).
+    ``tls``: a :class:`proto.tls.ServerTls`, None for plaintext, or (default) what the
+    scenario's ``[security]`` says (``orchestrator.security.server_tls``), so every rank's
+    ingest endpoint listens like rank 0."""
+    if tls == "scenario":
+        tls = _scenario_tls(coord)
+    server = Server(coord, limits or Limits(), max_workers, tls)
     bound = server.start(host_port(host, port))
     if advertise_host is None:
         advertise_host = getattr(getattr(coord.s, "federation", None), "advertise_host", "")
     coord.ingest_address = advertised_address(host, bound, advertise_host or "")
     return server, bound
+
+
+def _certificate_name(context) -> str:
+    """The common name of the client certificate of a call's connection ('' when none)."""
+    names = context.auth_context().get("x509_common_name") or [b""]
+    return names[0].decode("utf-8", "replace")
+
+
+def _scenario_tls(coord: Coordinator) -> Optional[ServerTls]:
+    s = getattr(coord, "s", None)
+    if not getattr(getattr(s, "security", None), "enabled", False):
+        return None
+    from .security import server_tls
+
+    return server_tls(s, coord.run_dir)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from orchestrator.coordinator import Coordinator
 from rich.console import Console
 
-from orchestrator.launch import ChildProcesses, node_argv
+from orchestrator.launch import ChildProcesses, node_argv, node_env
 from orchestrator.runner import run_scenario
 from orchestrator.scenario import Scenario, from_dict
 from orchestrator.servicer import serve
@@ -81,8 +81,8 @@ class Federation:
         return self
 
     def start_node(self, name: str) -> None:
-        self.children.spawn(name, node_argv(self.address, name, self.token, self.roles[name], self.s),
-                            self.coord.run_dir / "nodes" / f"{name}.log")
+        self.children.spawn(name, node_argv(self.address, name, self.roles[name], self.s),
+                            self.coord.run_dir / "nodes" / f"{name}.log", node_env(self.token))
 
     def _run(self) -> None:
         try:

@@ -22,7 +22,7 @@ import pytest
 
 from fednode.client import FederationClient
 from orchestrator.coordinator import Coordinator
-from orchestrator.launch import node_argv
+from orchestrator.launch import node_argv, node_env
 from orchestrator.servicer import serve
 from proto.byzfed.v1 import federation_pb2 as pb
 from tests.integration.harness import scenario
@@ -168,8 +168,9 @@ def test_a_node_whose_name_was_claimed_first_reports_it_and_exits_with_its_own_s
         squatter.join("honest-001", "someone-elses-secret", "tok")  # another holder of the token, first
         caplog.set_level(logging.WARNING, logger="orchestrator.membership")
         with open(log_path, "wb") as out:
-            proc = subprocess.Popen(node_argv(address, "honest-001", "tok", dict(s.node_roles())["honest-001"], s),
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT))
+            proc = subprocess.Popen(node_argv(address, "honest-001", dict(s.node_roles())["honest-001"], s),
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT),
+                                    env={**os.environ, **node_env("tok")})
         rc = proc.wait(120)
         log = log_path.read_text()
         assert rc == 3, (rc, log[-2000:])

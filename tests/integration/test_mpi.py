@@ -50,7 +50,7 @@ join_timeout = 60.0
 name = "{defense}"
 f = {f}
 [adversary]
-collusion_timeout = 10.0
+collusion_timeout = 30.0
 [output]
 live = false
 plot = false

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/byzfed/v1/federation.proto\x12\tbyzfed.v1\"O\n\x0b\x43redentials\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x13\n\x0bnode_secret\x18\x02 \x01(\t\x12\x18\n\x10\x66\x65\x64\x65ration_token\x18\x03 \x01(\t\"\x8c\x01\n\x0bJoinRequest\x12+\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x16.byzfed.v1.Credentials\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tcpu_cores\x18\x04 \x01(\x05\x12\x18\n\x10protocol_version\x18\x05 \x01(\x05\"\xcc\x01\n\tJoinReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x13\n\x0blayout_json\x18\x04 \x01(\t\x12\x13\n\x0blayout_hash\x18\x05 \x01(\t\x12\x16\n\x0eingest_address\x18\x06 \x01(\t\x12\x15\n\rworkload_json\x18\x07 \x01(\t\x12\x10\n\x08rejoined\x18\x08 \x01(\x08\x12\x15\n\rcurrent_round\x18\t \x01(\x03\"1\n\x07Session\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"g\n\x10HeartbeatRequest\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.byzfed.v1.Session\x12\x1b\n\x0ereceived_round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_received_round\"x\n\x0eHeartbeatReply\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x10\n\x08selected\x18\x03 \x01(\x08\x12\x10\n\x08shutdown\x18\x04 \x01(\x08\x12\x14\n\x0cupload_nonce\x18\x05 \x01(\t\"C\n\x0cLeaveRequest\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.byzfed.v1.Session\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0c\n\nLeaveReply\"K\n\x0eGetTaskRequest\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.byzfed.v1.Session\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"N\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x63rc32\x18\x03 \x01(\x07\x12\r\n\x05shape\x18\x04 \x03(\x03\"\x87\x02\n\nTaskHeader\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.byzfed.v1.TaskHeader.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x15\n\rdeadline_unix\x18\x04 \x01(\x01\x12\x12\n\ntrain_json\x18\x05 \x01(\t\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12(\n\x07weights\x18\x07 \x01(\x0b\x32\x17.byzfed.v1.TensorHeader\x12\x14\n\x0cupload_nonce\x18\x08 \x01(\t\")\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08SHUTDOWN\x10\x02\"O\n\tTaskChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.byzfed.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xc2\x01\n\x0cUpdateHeader\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.byzfed.v1.Session\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x13\n\x0blayout_hash\x18\x04 \x01(\t\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\'\n\x06tensor\x18\x06 \x01(\x0b\x32\x17.byzfed.v1.TensorHeader\x12\x14\n\x0cupload_nonce\x18\x07 \x01(\t\"S\n\x0bUpdateChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.byzfed.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"[\n\x0fPushUpdateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t2\xc2\x02\n\nFederation\x12\x34\n\x04Join\x12\x16.byzfed.v1.JoinRequest\x1a\x14.byzfed.v1.JoinReply\x12\x43\n\tHeartbeat\x12\x1b.byzfed.v1.HeartbeatRequest\x1a\x19.byzfed.v1.HeartbeatReply\x12\x37\n\x05Leave\x12\x17.byzfed.v1.LeaveRequest\x1a\x15.byzfed.v1.LeaveReply\x12<\n\x07GetTask\x12\x19.byzfed.v1.GetTaskRequest\x1a\x14.byzfed.v1.TaskChunk0\x01\x12\x42\n\nPushUpdate\x12\x16.byzfed.v1.UpdateChunk\x1a\x1a.byzfed.v1.PushUpdateReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/byzfed/v1/federation.proto\x12\tbyzfed.v1\"O\n\x0b\x43redentials\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x13\n\x0bnode_secret\x18\x02 \x01(\t\x12\x18\n\x10\x66\x65\x64\x65ration_token\x18\x03 \x01(\t\"\x8c\x01\n\x0bJoinRequest\x12+\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x16.byzfed.v1.Credentials\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tcpu_cores\x18\x04 \x01(\x05\x12\x18\n\x10protocol_version\x18\x05 \x01(\x05\"\xcc\x01\n\tJoinReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x13\n\x0blayout_json\x18\x04 \x01(\t\x12\x13\n\x0blayout_hash\x18\x05 \x01(\t\x12\x16\n\x0eingest_address\x18\x06 \x01(\t\x12\x15\n\rworkload_json\x18\x07 \x01(\t\x12\x10\n\x08rejoined\x18\x08 \x01(\x08\x12\x15\n\rcurrent_round\x18\t \x01(\x03\"1\n\x07Session\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"g\n\x10HeartbeatRequest\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.byzfed.v1.Session\x12\x1b\n\x0ereceived_round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_received_round\"\x8f\x01\n\x0eHeartbeatReply\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x10\n\x08selected\x18\x03 \x01(\x08\x12\x10\n\x08shutdown\x18\x04 \x01(\x08\x12\x14\n\x0cupload_nonce\x18\x05 \x01(\t\x12\x15\n\rsession_token\x18\x06 \x01(\t\"C\n\x0cLeaveRequest\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.byzfed.v1.Session\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0c\n\nLeaveReply\"K\n\x0eGetTaskRequest\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.byzfed.v1.Session\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"N\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x63rc32\x18\x03 \x01(\x07\x12\r\n\x05shape\x18\x04 \x03(\x03\"\x87\x02\n\nTaskHeader\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.byzfed.v1.TaskHeader.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x15\n\rdeadline_unix\x18\x04 \x01(\x01\x12\x12\n\ntrain_json\x18\x05 \x01(\t\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12(\n\x07weights\x18\x07 \x01(\x0b\x32\x17.byzfed.v1.TensorHeader\x12\x14\n\x0cupload_nonce\x18\x08 \x01(\t\")\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08SHUTDOWN\x10\x02\"O\n\tTaskChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.byzfed.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xc2\x01\n\x0cUpdateHeader\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.byzfed.v1.Session\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x13\n\x0blayout_hash\x18\x04 \x01(\t\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\'\n\x06tensor\x18\x06 \x01(\x0b\x32\x17.byzfed.v1.TensorHeader\x12\x14\n\x0cupload_nonce\x18\x07 \x01(\t\"S\n\x0bUpdateChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.byzfed.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"[\n\x0fPushUpdateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t2\xc2\x02\n\nFederation\x12\x34\n\x04Join\x12\x16.byzfed.v1.JoinRequest\x1a\x14.byzfed.v1.JoinReply\x12\x43\n\tHeartbeat\x12\x1b.byzfed.v1.HeartbeatRequest\x1a\x19.byzfed.v1.HeartbeatReply\x12\x37\n\x05Leave\x12\x17.byzfed.v1.LeaveRequest\x1a\x15.byzfed.v1.LeaveReply\x12<\n\x07GetTask\x12\x19.byzfed.v1.GetTaskRequest\x1a\x14.byzfed.v1.TaskChunk0\x01\x12\x42\n\nPushUpdate\x12\x16.byzfed.v1.UpdateChunk\x1a\x1a.byzfed.v1.PushUpdateReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,28 +41,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSION']._serialized_end=527
   _globals['_HEARTBEATREQUEST']._serialized_start=529
   _globals['_HEARTBEATREQUEST']._serialized_end=632
-  _globals['_HEARTBEATREPLY']._serialized_start=634
-  _globals['_HEARTBEATREPLY']._serialized_end=754
-  _globals['_LEAVEREQUEST']._serialized_start=756
-  _globals['_LEAVEREQUEST']._serialized_end=823
-  _globals['_LEAVEREPLY']._serialized_start=825
-  _globals['_LEAVEREPLY']._serialized_end=837
-  _globals['_GETTASKREQUEST']._serialized_start=839
-  _globals['_GETTASKREQUEST']._serialized_end=914
-  _globals['_TENSORHEADER']._serialized_start=916
-  _globals['_TENSORHEADER']._serialized_end=994
-  _globals['_TASKHEADER']._serialized_start=997
-  _globals['_TASKHEADER']._serialized_end=1260
-  _globals['_TASKHEADER_KIND']._serialized_start=1219
-  _globals['_TASKHEADER_KIND']._serialized_end=1260
-  _globals['_TASKCHUNK']._serialized_start=1262
-  _globals['_TASKCHUNK']._serialized_end=1341
-  _globals['_UPDATEHEADER']._serialized_start=1344
-  _globals['_UPDATEHEADER']._serialized_end=1538
-  _globals['_UPDATECHUNK']._serialized_start=1540
-  _globals['_UPDATECHUNK']._serialized_end=1623
-  _globals['_PUSHUPDATEREPLY']._serialized_start=1625
-  _globals['_PUSHUPDATEREPLY']._serialized_end=1716
-  _globals['_FEDERATION']._serialized_start=1719
-  _globals['_FEDERATION']._serialized_end=2041
+  _globals['_HEARTBEATREPLY']._serialized_start=635
+  _globals['_HEARTBEATREPLY']._serialized_end=778
+  _globals['_LEAVEREQUEST']._serialized_start=780
+  _globals['_LEAVEREQUEST']._serialized_end=847
+  _globals['_LEAVEREPLY']._serialized_start=849
+  _globals['_LEAVEREPLY']._serialized_end=861
+  _globals['_GETTASKREQUEST']._serialized_start=863
+  _globals['_GETTASKREQUEST']._serialized_end=938
+  _globals['_TENSORHEADER']._serialized_start=940
+  _globals['_TENSORHEADER']._serialized_end=1018
+  _globals['_TASKHEADER']._serialized_start=1021
+  _globals['_TASKHEADER']._serialized_end=1284
+  _globals['_TASKHEADER_KIND']._serialized_start=1243
+  _globals['_TASKHEADER_KIND']._serialized_end=1284
+  _globals['_TASKCHUNK']._serialized_start=1286
+  _globals['_TASKCHUNK']._serialized_end=1365
+  _globals['_UPDATEHEADER']._serialized_start=1368
+  _globals['_UPDATEHEADER']._serialized_end=1562
+  _globals['_UPDATECHUNK']._serialized_start=1564
+  _globals['_UPDATECHUNK']._serialized_end=1647
+  _globals['_PUSHUPDATEREPLY']._serialized_start=1649
+  _globals['_PUSHUPDATEREPLY']._serialized_end=1740
+  _globals['_FEDERATION']._serialized_start=1743
+  _globals['_FEDERATION']._serialized_end=2065
 # @@protoc_insertion_point(module_scope)

@@ -70,18 +70,20 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., received_round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("lease_seconds", "current_round", "selected", "shutdown", "upload_nonce")
+    __slots__ = ("lease_seconds", "current_round", "selected", "shutdown", "upload_nonce", "session_token")
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_NONCE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     lease_seconds: float
     current_round: int
     selected: bool
     shutdown: bool
     upload_nonce: str
-    def __init__(self, lease_seconds: _Optional[float] = ..., current_round: _Optional[int] = ..., selected: _Optional[bool] = ..., shutdown: _Optional[bool] = ..., upload_nonce: _Optional[str] = ...) -> None: ...
+    session_token: str
+    def __init__(self, lease_seconds: _Optional[float] = ..., current_round: _Optional[int] = ..., selected: _Optional[bool] = ..., shutdown: _Optional[bool] = ..., upload_nonce: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("session", "reason")

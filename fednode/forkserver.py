@@ -1,0 +1,177 @@
+"""The node fork server: one process per launcher that imports Python, numpy, gRPC,
+torch and the node's code once, then starts each node process by ``fork()`` from that
+warm image.
+
+A node started this way is still its own OS process (its own PID, session, heartbeats
+and gRPC channel; SIGKILL, restarts and the training-slot locks work as before): only
+its start-up differs. It skips the ~2 CPU-seconds of importing torch that a fresh
+``python -m fednode`` pays, and it shares the pages of those modules with every
+other node until it writes to them (copy-on-write), so idle nodes cost little memory.
+
+Rules kept so that a fork is safe:
+- the server creates no gRPC channel or server, starts no thread and runs no torch
+  operation (no thread pool exists to be lost in the child); it only imports;
+- a child closes the server's socket, takes its node's name as its process name
+  (``ps -o comm``; its command line stays the server's), resets the signal handlers, reseeds Python's,
+  numpy's and torch's default generators (a forked child would otherwise share its
+  siblings' streams; every seeded draw of a run comes from ``proto.seeding`` anyway),
+  takes the environment, working folder and log file it was sent, and asks the kernel
+  to SIGKILL it if the server dies (``PR_SET_PDEATHSIG``), as its own launcher would.
+
+The protocol, one JSON object a line over a socket pair with the launcher
+(``orchestrator/launch.py: ForkServer``): the server says ``{"ready": pid}``; a request
+``{"id", "argv", "env", "log", "cwd"}`` (``argv``: the arguments of
+``python -m fednode``) is answered ``{"id", "pid"}`` (or ``{"id", "error"}``); when a
+child ends the server reaps it and says ``{"exit": pid, "code": c}`` (``c`` negative:
+killed by that signal, as ``subprocess`` reports it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import traceback
+
+WARM = ("numpy", "grpc", "torch", "torch.nn.functional", "google.protobuf", "proto.codec", "proto.layout",
+        "proto.seeding", "proto.tls", "fednode.__main__", "fednode.node", "fednode.client", "fednode.byzantine",
+        "fednode.churn", "fednode.training", "fednode.workload.models", "fednode.workload.datasets",
+        "fednode.workload.partition", "fednode.strategies", "attacks")
+
+
+def _warm() -> list[str]:
+    """Import what every node imports; returns the modules that could not be imported
+    (a node that needs one imports it itself, as it would without the server)."""
+    import importlib
+
+    missing = []
+    for name in WARM:
+        try:
+            importlib.import_module(name)
+        except Exception:  # (an optional part: the node pays for it as before)
+            missing.append(name)
+    return missing
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _name_me(argv: list[str]) -> None:
+    """Show the node's name as the process's name (``ps -o comm``, ``top``; 15 bytes), since
+    its command line is the server's."""
+    if "--name" not in argv or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    name = argv[argv.index("--name") + 1].encode()[:15] if argv.index("--name") + 1 < len(argv) else b""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # 15 = PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _child(sock: socket.socket, server_pid: int, req: dict) -> None:
+    """In the forked child: become the node process ``req`` asks for; never returns."""
+    code = 1
+    try:
+        sock.close()
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent()
+        if os.getppid() != server_pid:  # (the server died between the fork and the prctl)
+            os._exit(1)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        if req.get("log"):
+            out = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        else:
+            out = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        os.environ.clear()
+        os.environ.update(req.get("env") or {})
+        if req.get("cwd"):
+            os.chdir(req["cwd"])
+        import random
+
+        import numpy as np
+        import torch
+        random.seed()
+        np.random.seed()
+        torch.seed()
+        argv = list(req["argv"])
+        _name_me(argv)
+        sys.argv = ["fednode", *argv]
+        from fednode.__main__ import main
+        try:
+            code = main(argv) or 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(fd: int) -> int:
+    """The server's loop on the socket ``fd`` (its end of the launcher's socket pair)."""
+    sock = socket.socket(fileno=fd)
+    _warm()
+    pid = os.getpid()
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    buf = b""
+
+    def say(msg: dict) -> None:
+        sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    say({"ready": pid})
+    try:
+        while True:
+            for _ in sel.select(timeout=0.05):
+                data = sock.recv(1 << 16)
+                if not data:  # the launcher is gone: so are we (the children follow, PDEATHSIG)
+                    return 0
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    req = json.loads(line)
+                    try:
+                        child = os.fork()
+                    except OSError as e:
+                        say({"id": req.get("id"), "error": str(e)})
+                        continue
+                    if child == 0:
+                        _child(sock, pid, req)
+                    say({"id": req.get("id"), "pid": child})
+            while True:  # reap every child that ended, and say so
+                try:
+                    done, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if done == 0:
+                    break
+                say({"exit": done, "code": os.waitstatus_to_exitcode(status)})
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(int(sys.argv[1])))
