@@ -6,10 +6,15 @@
 Starts ``./launch.sh run SCENARIO --run-dir DIR`` (the orchestrator is that process; the
 nodes are its children) and samples ``/proc`` every ``--interval`` seconds:
 
-* each node's RSS and PSS (``/proc/PID/smaps_rollup``; PSS splits shared pages, such as
-  torch's code, between the processes that map them), split by whether the process has
-  torch loaded (``libtorch_cpu`` in ``/proc/PID/maps``): idle light nodes vs nodes that
-  are computing a round (or warm);
+* each node's RSS and PSS (``/proc/PID/smaps``; PSS splits shared pages, such as
+  torch's code, between the processes that map them). Nodes forked from the node fork
+  server (``fednode/forkserver.py``, the default) are the server's children and all
+  map torch (shared), so a node counts as *idle* when it used under 2% of a core since
+  the previous sample; a fresh ``python -m fednode`` node (``BYZFED_FORK_SERVER=0``)
+  counts as idle while it has not loaded torch (``libtorch_cpu`` in its maps), as
+  before. The fork server's own PSS is counted in the nodes' total;
+* each selected node's start-up CPU (torch, model, shard: from its selection to the
+  start of training), from the ``start-up ... s CPU`` lines of the node logs;
 * the orchestrator's RSS when each ``metrics.jsonl`` row appears (flat over rounds?);
 * seconds per round from the rows' ``wall`` stamps.
 
@@ -56,6 +61,52 @@ def mem_kb(pid: int) -> tuple[int, int] | None:
     return None if s is None else (s[0], s[1])
 
 
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def is_fork_server(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"fednode.forkserver" in fh.read() and comm(pid).startswith("python")
+    except OSError:
+        return False
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def node_pids(orchestrator: int) -> tuple[list[int], list[int]]:
+    """(node processes, fork servers) under the orchestrator."""
+    nodes, servers = [], []
+    for pid in children(orchestrator):
+        if is_fork_server(pid):
+            servers.append(pid)
+            nodes.extend(children(pid))
+        else:
+            nodes.append(pid)
+    return nodes, servers
+
+
+def startup_cpu(run_dir: Path) -> list[float]:
+    import re
+    out = []
+    for log in (run_dir / "nodes").glob("*.log"):
+        out += [float(v) for v in re.findall(r"start-up ([0-9.]+) s CPU", log.read_text(errors="replace"))]
+    return out
+
+
 def children(pid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
@@ -95,27 +146,41 @@ def main(argv=None) -> int:
     log = open(Path(args.out) / f"{run_dir.name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     idle_rss, idle_pss, torch_rss, torch_pss = [], [], [], []
+    idle_pss_totals: list[int] = []
+    prev_cpu: dict[int, float] = {}
+    forked = False
     max_nodes, max_node_pss_total, max_torch_procs = 0, 0, 0
     orch_per_round: list[dict] = []
     seen_rows = 0
     t0 = time.monotonic()
     try:
         while proc.poll() is None:
-            kids = children(proc.pid)
-            total = 0
+            kids, servers = node_pids(proc.pid)
+            forked = forked or bool(servers)
+            total = sum((mem_kb(s) or (0, 0))[1] for s in servers)
             n_torch = 0
+            idle_total = 0
             for pid in kids:
                 m = sample(pid)
-                if m is None:
+                cpu = cpu_seconds(pid)
+                if m is None or cpu is None:
                     continue
                 total += m[1]
-                if m[2]:
+                busy = m[2]
+                if servers:  # forked: every node maps torch; idle = (almost) no CPU since the last sample
+                    before = prev_cpu.get(pid)
+                    busy = before is None or cpu - before > 0.02 * args.interval
+                prev_cpu[pid] = cpu
+                if not busy:
+                    idle_total += m[1]
+                if busy:
                     n_torch += 1
                     torch_rss.append(m[0])
                     torch_pss.append(m[1])
                 else:
                     idle_rss.append(m[0])
                     idle_pss.append(m[1])
+            idle_pss_totals.append(idle_total)
             max_nodes = max(max_nodes, len(kids))
             max_node_pss_total = max(max_node_pss_total, total)
             max_torch_procs = max(max_torch_procs, n_torch)
@@ -153,6 +218,10 @@ def main(argv=None) -> int:
         "torch_node_rss_mb": {"median": mb(pct(torch_rss, 0.5)), "p95": mb(pct(torch_rss, 0.95)), "max": mb(max(torch_rss, default=0))},
         "torch_node_pss_mb": {"median": mb(pct(torch_pss, 0.5)), "p95": mb(pct(torch_pss, 0.95)), "max": mb(max(torch_pss, default=0))},
         "all_nodes_pss_total_max_mb": mb(max_node_pss_total),
+        "idle_nodes_pss_total_max_mb": mb(max(idle_pss_totals, default=0)),
+        "forked_nodes": forked,
+        "startup_cpu_s": (lambda v: {"selections": len(v), "median": round(pct(v, 0.5), 3), "p95": round(pct(v, 0.95), 3),
+                                     "max": round(max(v, default=float("nan")), 3)})(startup_cpu(run_dir)),
         "orchestrator_rss_mb": {"first_round": orch[0] if orch else None, "last_round": orch[-1] if orch else None,
                                 "max": max(orch) if orch else None},
         "seconds_per_round": {"mean": round(statistics.mean(per_round), 2) if per_round else None,

@@ -111,7 +111,10 @@ def main(argv=None) -> int:
         except BehaviourError as exc:
             print(f"fednode {args.name}: refusing to start: {exc}", file=sys.stderr)
             return 2
-    cfg.relaunch = lambda after_round: _relaunch(argv, cfg.secret, after_round, bool(args.behaviour))
+    if os.environ.get("BYZFED_FORKED") == "1":  # (fednode/forkserver.py: torch is in this image already)
+        cfg.shed_in_place = True
+    else:
+        cfg.relaunch = lambda after_round: _relaunch(argv, cfg.secret, after_round, bool(args.behaviour))
     node = Node(cfg, behaviour)
     signal.signal(signal.SIGTERM, lambda *_: node.stop.set())
     try:

@@ -9,8 +9,12 @@ its start-up differs. It skips the ~2 CPU-seconds of importing torch that a fres
 other node until it writes to them (copy-on-write), so idle nodes cost little memory.
 
 Rules kept so that a fork is safe:
-- the server creates no gRPC channel or server, starts no thread and runs no torch
-  operation (no thread pool exists to be lost in the child); it only imports;
+- the server creates no gRPC channel or server and starts no thread; its only torch
+  work is one training step on one thread (no thread pool exists to be lost in the
+  child), to fill torch's lazily built state once for all nodes;
+- the server imports with the garbage collector off and then freezes every object
+  (``gc.freeze``), so the children's collections never touch (and copy) those pages;
+  it may also load the run's dataset (``BYZFED_FORK_WARM``), shared the same way;
 - a child closes the server's socket, takes its node's name as its process name
   (``ps -o comm``; its command line stays the server's), resets the signal handlers, reseeds Python's,
   numpy's and torch's default generators (a forked child would otherwise share its
@@ -55,6 +59,41 @@ def _warm() -> list[str]:
     return missing
 
 
+def _preload(spec: str) -> None:
+    """Load the run's dataset once and take one training step of its model on two zero
+    samples (``BYZFED_FORK_WARM``: the run's dataset arguments and model, JSON). The
+    nodes then share the dataset's pages instead of each holding a copy, and the memory
+    torch fills at its first forward and backward pass (~100 MB: kernels chosen, tables
+    built) is written once here, not once per node. One torch thread, so no OpenMP
+    team exists to be lost in a child. A failure here only means the nodes do it
+    themselves."""
+    if not spec:
+        return
+    try:
+        w = json.loads(spec)
+        import torch
+
+        from fednode.workload import build_model, load_dataset
+        ds = load_dataset(w["dataset"], w.get("data_dir") or None, test_fraction=w["test_fraction"], seed=w["seed"])
+        if w.get("model"):
+            torch.set_num_threads(1)
+            model = build_model(w["model"], ds.input_shape, ds.num_classes)
+            opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.5)
+            x = torch.zeros(2, *ds.input_shape)
+            loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(2, dtype=torch.long))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            del model, opt, x, loss
+    except Exception:
+        traceback.print_exc()
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
@@ -87,6 +126,8 @@ def _child(sock: socket.socket, server_pid: int, req: dict) -> None:
         sock.close()
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
+        import gc
+        gc.enable()
         _die_with_parent()
         if os.getppid() != server_pid:  # (the server died between the fork and the prctl)
             os._exit(1)
@@ -102,6 +143,7 @@ def _child(sock: socket.socket, server_pid: int, req: dict) -> None:
         os.close(out)
         os.environ.clear()
         os.environ.update(req.get("env") or {})
+        os.environ["BYZFED_FORKED"] = "1"  # (fednode/__main__.py: a light node sheds in place)
         if req.get("cwd"):
             os.chdir(req["cwd"])
         import random
@@ -132,8 +174,15 @@ def _child(sock: socket.socket, server_pid: int, req: dict) -> None:
 
 def serve(fd: int) -> int:
     """The server's loop on the socket ``fd`` (its end of the launcher's socket pair)."""
+    import gc
+
     sock = socket.socket(fileno=fd)
+    gc.disable()  # no collection in the server: the objects stay where they are until frozen
     _warm()
+    _preload(os.environ.get("BYZFED_FORK_WARM", ""))
+    # Every object so far into the permanent generation: a child's collections never
+    # visit (and so never write to, and copy) the pages that hold them.
+    gc.freeze()
     pid = os.getpid()
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)

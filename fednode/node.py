@@ -116,6 +116,11 @@ class NodeConfig:
     after_round: int = -1
     """Skip train tasks of rounds <= this (set by a light node's re-exec)."""
     relaunch: Optional[Callable[[int], None]] = None
+    shed_in_place: bool = False
+    """A node forked from the warm fork server (``fednode/forkserver.py``): torch is in its
+    image already (shared with the other nodes), so a light node sheds its model, shard
+    and freed heap after a round in place instead of re-executing (which would import
+    torch again for the next round)."""
     """Re-executes this node with ``--after-round R`` (set by ``__main__``)."""
 
 
@@ -131,6 +136,7 @@ class Node:
         self._need_rejoin = threading.Event()
         self.state: dict[str, Any] = {}  # local-algorithm state kept across rounds (FedDyn, FedSpeed)
         self._work = None  # (model, x, y, num_classes), loaded at the first task
+        self._selected_cpu: Optional[float] = None  # process CPU seconds when this round's work began
         self.rounds_done = 0
         self.attempted = (-1, -1)  # (round, model version) of the last upload sent, refused or given up
         self.rng = random.Random()  # back-off jitter
@@ -219,6 +225,19 @@ class Node:
         if isinstance(self.behaviour, DeferredBehaviour):
             self.behaviour.build()
 
+    def _shed(self) -> None:
+        """Drop the model and the shard and hand the freed heap back to the system
+        (``malloc_trim``): what a light node keeps between rounds when it was forked."""
+        import gc
+
+        self._work = None  # (the dataset stays: the fork server loaded it, its pages are shared)
+        gc.collect()
+        try:
+            import ctypes
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # (not glibc)
+            pass
+
     def _load_work(self):
         if self._work is None:
             from .workload import build_model, load_dataset, shard_for
@@ -250,6 +269,12 @@ class Node:
             log.info("%s: round %d: waited %.1fs for a training slot", self.cfg.name, task.round, self.slots.waited)
         t0 = time.monotonic()
         model, x, y, num_classes = self._load_work()
+        if self._selected_cpu is not None:
+            # what this selection cost before training could start (torch, model, shard):
+            # read by bench/cross_device.py
+            log.info("%s: round %d: start-up %.3f s CPU", self.cfg.name, task.round,
+                     time.process_time() - self._selected_cpu)
+            self._selected_cpu = None
         if data is not None:
             x, y = data
         t = dict(task.train)
@@ -279,7 +304,9 @@ class Node:
                 if self._need_rejoin.is_set():
                     self.join()
                 try:
-                    task = self._retry("get task", lambda: self.client.get_task(wait_seconds=10.0),
+                    # the server's longest long-poll (servicer.MAX_WAIT_SECONDS): a waiting poll costs
+                    # nothing, each new one costs CPU on both sides (x 1,000 idle nodes)
+                    task = self._retry("get task", lambda: self.client.get_task(wait_seconds=20.0),
                                        until=self._need_rejoin)
                 except grpc.RpcError as e:
                     if e.code() in REJOIN_CODES or self._need_rejoin.is_set():
@@ -299,7 +326,9 @@ class Node:
                     continue
                 self._acknowledge(task)
                 self._do_round(task)
-                if self.cfg.idle == "light" and self.cfg.relaunch is not None and "torch" in sys.modules:
+                if self.cfg.idle == "light" and self.cfg.shed_in_place:
+                    self._shed()
+                elif self.cfg.idle == "light" and self.cfg.relaunch is not None and "torch" in sys.modules:
                     log.info("%s: round %d done; re-executing to shed torch, model and data", self.cfg.name, task.round)
                     self.cfg.relaunch(task.round)
         finally:
@@ -326,6 +355,7 @@ class Node:
             self.behaviour.run_round(self, task)
             return
         with self.slots.hold():  # one slot for importing torch, loading the shard and training
+            self._selected_cpu = time.process_time()
             self._warm_up()
             delta, n, seconds = self._train(task)
         self._straggle(seconds)

@@ -125,6 +125,12 @@ def main(argv=None) -> int:
         if scenario.security.certs and args.cmd != "check":
             from .security import bundle
             bundle(scenario, Path(args.run_dir or "."))  # (a given folder is only checked: its ca.pem)
+        if scenario.security.enrol_dir and args.cmd != "check":
+            from .enrolment import KEY_FILE
+            if not (Path(scenario.security.enrol_dir) / KEY_FILE).is_file():
+                raise FileNotFoundError(f"security.enrol_dir = {scenario.security.enrol_dir!r}: no {KEY_FILE} there "
+                                        f"(make the folder with ./launch.sh enrol {scenario.security.enrol_dir} "
+                                        f"--scenario {args.scenario})")
     except (ScenarioError, ValueError, FileNotFoundError) as exc:
         print(f"scenario error: {exc}", file=sys.stderr)
         return 2

@@ -15,9 +15,9 @@ is handed that another rank must later verify:
   round and replays are refused everywhere.
 
 Token lifetime: a token of epoch ``e`` is accepted while the verifying rank's epoch is
-``e - 1``, ``e`` or ``e + 1``: the previous epoch gives a node until its next heartbeat
-to pick up the rotated token (the leader hands it in the ``HeartbeatReply``), the next
-one covers a rank whose clock lags the leader's (clock skew up to ``token_seconds``).
+``e - 1``, ``e`` or ``e + 1``: at ``e + 1`` the node has until its next heartbeat to
+pick up the rotated token (the leader hands it in the ``HeartbeatReply``); ``e - 1``
+covers a rank whose clock lags the leader's (clock skew up to ``token_seconds``).
 So a token lives between ``token_seconds`` and ``2 x token_seconds`` after it was
 issued; an older one is refused as expired and the node re-joins with its node secret.
 A token binds its node id, so one node's token never acts as another's.

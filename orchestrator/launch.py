@@ -101,7 +101,8 @@ def node_env(token: str) -> dict[str, str]:
     """The environment that carries the federation token to a node (never its argv;
     ``fednode`` reads ``BYZFED_TOKEN``; :meth:`NodeLaunch.describe` adds the node secret,
     ``BYZFED_NODE_SECRET``: its enrolment secret with ``security.enrol``). The node's
-    behaviour, secret and TLS files come from the launcher alone (:func:`node_argv`), never from variables this process inherited."""
+    behaviour, secret and TLS files come from the launcher alone (:func:`node_argv`), never
+    from variables this process inherited."""
     return {"BYZFED_TOKEN": token, "BYZFED_BEHAVIOUR": "", "BYZFED_NODE_SECRET": "",
             "BYZFED_NODE_SECRET_FILE": "", ENV_CA: "", ENV_CERT: "", ENV_KEY: ""}
 
@@ -144,7 +145,8 @@ class NodeLaunch:
         self._options = launch_args(scenario, run_dir, slot_dir)
         enrolled = enrolment_for(scenario, run_dir)  # [security] enrol: each name's secret, else random ones
         self._secrets = ({n: enrolled.secret(n) for n in self.roles} if enrolled is not None else
-                         {n: secrets.token_hex(16) for n, r in self.roles.items() if r.rejoin_at_round > 0 or restartable(r)})
+                         {n: secrets.token_hex(16) for n, r in self.roles.items()
+                          if r.rejoin_at_round > 0 or restartable(r)})
         self._certs = bundle(scenario, run_dir)  # [security]: the run's certificate folder, None without TLS
 
     def describe(self, name: str, key: Optional[str] = None) -> NodeProcess:
@@ -244,7 +246,7 @@ class ForkServer:
     ``die_with_parent`` ties the server, and through it every node, to this process),
     the socket pair, and the exit codes the server reports."""
 
-    def __init__(self, preexec: Optional[Callable[[], None]], log_path: Optional[Path]) -> None:
+    def __init__(self, preexec: Optional[Callable[[], None]], log_path: Optional[Path], warm: str = "") -> None:
         import socket
 
         self._mine, theirs = socket.socketpair()
@@ -264,7 +266,8 @@ class ForkServer:
                 try:
                     self.proc = subprocess.Popen(
                         [sys.executable, "-m", "fednode.forkserver", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec,
+                        env={**os.environ, "BYZFED_FORK_WARM": warm})
                 finally:
                     if log_path is not None:
                         out.close()
@@ -378,6 +381,9 @@ class ChildProcesses:
         """Start ``python -m fednode`` processes by forking them from the warm fork server."""
         self.fork_server: Optional[ForkServer] = None
         self._fork_lock = threading.Lock()
+        self.fork_warm = ""
+        """The dataset arguments (JSON) the fork server loads before it forks (see
+        ``fednode/forkserver.py``); set by the :class:`NodeHost` that owns these children."""
 
     def _forker(self, log_path: Optional[Path]) -> Optional[ForkServer]:
         with self._fork_lock:
@@ -385,7 +391,7 @@ class ChildProcesses:
                 if self.fork_server is not None:
                     log.warning("the node fork server ended; starting another")
                 where = None if log_path is None else log_path.parent / "forkserver.log"
-                self.fork_server = ForkServer(self._preexec, where)
+                self.fork_server = ForkServer(self._preexec, where, self.fork_warm)
             return self.fork_server
 
     def start(self, proc: NodeProcess) -> subprocess.Popen | ForkedProcess:
@@ -511,6 +517,10 @@ class NodeHost:
                  stop: threading.Event, children: Optional[ChildProcesses] = None) -> None:
         self.launch = launch
         self.children = children or ChildProcesses()
+        d = launch.s.data
+        self.children.fork_warm = json.dumps({"dataset": d.dataset, "data_dir": d.data_dir,
+                                              "test_fraction": d.test_fraction, "seed": launch.s.seed,
+                                              "model": launch.s.model.name})
         self.current_round = current_round
         self.stop = stop
         mine = set(names)

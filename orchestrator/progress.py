@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Optional
 
 from rich.console import Console
@@ -20,6 +21,9 @@ class LiveProgress:
         self.task = self.progress.add_task("waiting for nodes to join", total=total_rounds, label="rounds")
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._burst: list[float] = []  # times of the eviction lines printed lately
+        self._held: list[str] = []  # evicted nodes not printed one by one (a burst of them)
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "LiveProgress":
         self.progress.start()
@@ -29,6 +33,7 @@ class LiveProgress:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._flush()
         self._stop.set()
         self.progress.stop()
 
@@ -43,16 +48,39 @@ class LiveProgress:
             self.progress.update(self.task, description=f"round {r.round_id}: {len(r.uploads)}/{len(r.selected)} "
                                                         f"reported; waiting for {shown}")
 
+    BURST, BURST_SECONDS = 5, 2.0
+    """At most BURST eviction lines per BURST_SECONDS; more are summed up in one line
+    (counts and a few names), so a thousand-node run stays readable."""
+
+    def _evicted(self, node: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._burst = [t for t in self._burst if now - t < self.BURST_SECONDS]
+            if len(self._burst) >= self.BURST:
+                self._held.append(node)
+                return
+            self._burst.append(now)
+        self.console.print(f"[yellow]node {node} lease expired (evicted)[/]")
+
+    def _flush(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        if held:
+            shown = ", ".join(held[:3]) + (f" +{len(held) - 3}" if len(held) > 3 else "")
+            self.console.print(f"[yellow]{len(held)} more nodes' leases expired (evicted): {shown}[/]")
+
     def event(self, kind: str, info: dict[str, Any]) -> None:
         p = self.console.print
+        if kind != "evicted":
+            self._flush()
         if kind == "ready":
             p(f"[green]{info['joined']} of {info['expected']} nodes joined[/]; starting rounds")
             self.progress.update(self.task, description="")
         elif kind == "round_closed":
             self._round_line(info)
             self.progress.advance(self.task)
-        elif kind in ("evicted",):
-            p(f"[yellow]node {info['node']} lease expired (evicted)[/]")
+        elif kind == "evicted":
+            self._evicted(info["node"])
         elif kind == "resumed":
             p(f"[cyan]resumed from checkpoint at round {info['round']}[/]")
             self.progress.update(self.task, completed=info["round"])

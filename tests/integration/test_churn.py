@@ -104,7 +104,7 @@ def test_a_round_below_quorum_is_abandoned_and_recorded(tmp_path):
 
 
 def test_late_joiners_honest_and_byzantine_enter_selection(tmp_path):
-    s = scenario(federation={"rounds": 4, "selection": "sample", "sample_size": 8, "round_timeout": 60.0},
+    s = scenario(federation={"rounds": 6, "selection": "sample", "sample_size": 8, "round_timeout": 60.0},
                  defense={"name": "median", "f": 2},
                  roles=[{"name": "honest", "count": 4},
                         {"name": "late", "count": 1, "join_at_round": 2},
@@ -115,9 +115,14 @@ def test_late_joiners_honest_and_byzantine_enter_selection(tmp_path):
     assert "late-000" not in rows[1]["selected_nodes"] and "byzlate-000" not in rows[1]["selected_nodes"]
     assert {"late-000", "byzlate-000"} <= set(rows[2]["joined"])
     for r in rows[2:]:
-        assert {"late-000", "byzlate-000", "later-000"} <= set(r["selected_nodes"]), r["selected_nodes"]
-        assert r["byzantine_selected"] == 1 and r["reported"] == 7
-    assert any("later-000" in r["joined"] for r in rows)
+        assert {"late-000", "byzlate-000"} <= set(r["selected_nodes"]), r["selected_nodes"]
+        assert r["byzantine_selected"] == 1 and r["reported"] == r["selected"]
+    # the node started 1 s after the run is selected from the first round after its join
+    # (a row's "joined" lists the joins before its selection)
+    at = next(i for i, r in enumerate(rows) if "later-000" in r["joined"])
+    for r in rows[at:]:
+        assert "later-000" in r["selected_nodes"] and r["reported"] == 7, r
+    assert all("later-000" not in r["selected_nodes"] for r in rows[:at])
     assert "round 2: attack sign_flip active" in node_log(tmp_path, "byzlate-000")
 
 
