@@ -56,23 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
-    if args.token_file and not args.token:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                args.token = f.read().strip()
-        except OSError as exc:
-            print(f"fednode: cannot read --token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
-            return 2
+    for field, flag in (("token", "--token-file"), ("secret", "--secret-file")):
+        path = getattr(args, f"{field}_file")
+        if path and not getattr(args, field):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    setattr(args, field, f.read().strip())
+            except OSError as exc:
+                print(f"fednode: cannot read {flag} {path}: {exc.strerror}", file=sys.stderr)
+                return 2
     if not args.token:
         print("fednode: --token-file, $BYZFED_TOKEN or --token is required", file=sys.stderr)
         return 2
-    if args.secret_file and not args.secret:
-        try:
-            with open(args.secret_file, encoding="utf-8") as f:
-                args.secret = f.read().strip()
-        except OSError as exc:
-            print(f"fednode: cannot read --secret-file {args.secret_file}: {exc.strerror}", file=sys.stderr)
-            return 2
     from proto import tls
     try:
         if args.tls_ca:

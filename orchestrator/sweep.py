@@ -389,6 +389,22 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
     stop_processes([proc], grace)
 
 
+def rounds_short(cell_dir: Path) -> Optional[str]:
+    """Why a cell that exited 0 did not finish its run, or None: it ran fewer rounds than
+    its scenario asked for, or completed none (e.g. every node evicted on an overloaded
+    machine). Rounds abandoned on the way count as run: a scenario's churn may mean them."""
+    try:
+        want = int(json.loads((cell_dir / "scenario.json").read_text())["federation"]["rounds"])
+        summary = json.loads((cell_dir / "summary.json").read_text())
+        done = int(summary.get("rounds_completed") or 0)
+        ran = done + int(summary.get("rounds_abandoned") or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if ran >= want and done > 0:
+        return None
+    return f"completed {done} of {want} rounds ({ran} run; see summary.json and metrics.jsonl)"
+
+
 @dataclass
 class _Running:
     cell: Cell
@@ -521,8 +537,12 @@ class SweepRunner:
         wall = time.monotonic() - r.started
         rec = json.loads((self.cell_dir(r.cell) / "cell.json").read_text())
         rc = r.proc.returncode
+        short = None
         if status == "exited":
             status = "ok" if rc == 0 and (self.cell_dir(r.cell) / "summary.json").exists() else "failed"
+            short = rounds_short(self.cell_dir(r.cell)) if status == "ok" else None
+            if short:
+                status = "failed"  # it ended cleanly, but not with the rounds it was asked for
         rec.update(status=status, returncode=rc, wall_seconds=round(wall, 3))
         if status in ("ok", "failed"):
             self.durations.append(wall)
@@ -530,6 +550,8 @@ class SweepRunner:
             rec["error"] = f"timed out after {self.timeout:g} s; stopped by PID"
         elif status == "interrupted":
             rec["error"] = "interrupted; --resume continues it"
+        elif short:
+            rec["error"] = short
         elif status != "ok":
             rec["error"] = _last_error(self.cell_dir(r.cell) / "cell.log") or f"exit status {rc}"
         self._done(r.cell, rec)

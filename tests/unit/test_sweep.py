@@ -360,3 +360,18 @@ def test_report_splits_other_axes_and_plots_accuracy_against_the_byzantine_fract
     assert "## Accuracy: defense × attack — byz=1" in md and "## Worst case — byz=3" in md
     assert "| median | 0.600 | 0.600 |" in md
     assert (tmp_path / "heatmap-byz=1.png").exists() and (tmp_path / "byzantine-fraction.png").exists()
+
+
+def test_a_cell_that_ran_short_is_not_ok(tmp_path):
+    from orchestrator.sweep import rounds_short
+
+    (tmp_path / "scenario.json").write_text(json.dumps({"federation": {"rounds": 5}}))
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"rounds_completed": 4, "rounds_abandoned": 1}))
+    assert rounds_short(tmp_path) is None  # an abandoned round was run
+    summary.write_text(json.dumps({"rounds_completed": 0, "rounds_abandoned": 0}))
+    assert rounds_short(tmp_path) == "completed 0 of 5 rounds (0 run; see summary.json and metrics.jsonl)"
+    summary.write_text(json.dumps({"rounds_completed": 3, "rounds_abandoned": 0}))
+    assert rounds_short(tmp_path).startswith("completed 3 of 5 rounds")
+    summary.write_text(json.dumps({"rounds_completed": 0, "rounds_abandoned": 5}))
+    assert rounds_short(tmp_path).startswith("completed 0 of 5")
