@@ -125,6 +125,7 @@ def _int(h: dict, key: str, lo: int = 0) -> int:
 @dataclass
 class _Round:
     announced: set[str] = field(default_factory=set)
+    expected: set[str] = field(default_factory=set)
     deltas: dict[str, np.ndarray] = field(default_factory=dict)
     fetches: list[tuple[str, int]] = field(default_factory=list)
 
@@ -174,6 +175,16 @@ class CollusionService:
             self._cond.notify_all()
             return len(rnd.announced)
 
+    def expect(self, r: int, selected: Iterable[str]) -> int:
+        """The members selected for round ``r`` (told by the orchestrator when it opens the
+        round): a fetch also waits for them, so a colluder that trains fast does not fetch
+        before a slower one has even announced. Returns how many are expected."""
+        with self._cond:
+            rnd = self._round(r)
+            rnd.expected = set(selected) & self.group
+            self._cond.notify_all()
+            return len(rnd.expected)
+
     def post(self, member: str, r: int, row: np.ndarray) -> int:
         if not np.isfinite(row).all():
             raise ValueError("a benign delta must be finite")
@@ -189,14 +200,15 @@ class CollusionService:
             return len(rnd.deltas)
 
     def fetch(self, member: str, r: int, timeout: float) -> tuple[list[str], np.ndarray | None]:
-        """Wait until every announced member posted round ``r`` (or ``timeout``); the
-        members that posted (sorted) and their ``[k, d]`` rows (None if none)."""
+        """Wait until every announced or expected (:meth:`expect`) member posted round ``r``
+        (or ``timeout``); the members that posted (sorted) and their ``[k, d]`` rows (None
+        if none)."""
         end = time.monotonic() + min(max(timeout, 0.0), MAX_WAIT_SECONDS)
         with self._cond:
             while True:
                 rnd = self._round(r)
                 left = end - time.monotonic()
-                if (rnd.deltas and rnd.announced <= set(rnd.deltas)) or left <= 0:
+                if (rnd.deltas and (rnd.announced | rnd.expected) <= set(rnd.deltas)) or left <= 0:
                     break
                 self._cond.wait(min(left, 0.5))
             members = sorted(rnd.deltas)

@@ -260,6 +260,14 @@ class ByzantineSupport:
             tls = server_tls(s, coord.run_dir) if s.security.enabled else None
             self.collusion = CollusionServer(self.group, self._collusion_token, bind, 0,
                                              credentials=tls.credentials() if tls is not None else None)
+            told, service = coord.on_event, self.collusion.service
+
+            def on_event(kind: str, info: dict, told=told) -> None:  # a round's selected colluders
+                if kind == "round_open":
+                    service.expect(int(info["round"]), info["selected"])
+                told(kind, info)
+
+            coord.on_event = on_event
             port = int(self.collusion.address.rsplit(":", 1)[1])
             self.collusion_address = advertised_address(bind, port, s.federation.advertise_host) or f":{port}"
             log.info("collusion service for %d Byzantine nodes on %s (nodes dial %s)", len(self.group),

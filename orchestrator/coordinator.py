@@ -87,7 +87,7 @@ class Coordinator:
         (``group.py``); rank 0 leads, another rank is an ingest endpoint that follows."""
         self.s = scenario
         self.rank = rank
-        self.keys = (keys or SessionKeys()).lasting(scenario.security.token_seconds)
+        self.keys = (keys or SessionKeys()).lasting(scenario.security.token_epoch(scenario.federation.lease_seconds))
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.on_event = on_event or (lambda kind, info: None)

@@ -78,8 +78,9 @@ class SyncRounds(Driver):
         t0 = time.monotonic()
         # over-selection: close once sample_size reported; the rest are refused as late
         target = fed.sample_size if fed.selection == "sample" and fed.over_selection > 1 else 0
-        c.open_round(r_id, set(selected), fed.round_timeout, fed.quorum, target=target)
+        # (announced first: the collusion service learns the round's colluders before any task is out)
         c.on_event("round_open", {"round": r_id, "selected": [names[n] for n in selected]})
+        c.open_round(r_id, set(selected), fed.round_timeout, fed.quorum, target=target)
         rnd = c.keeper.wait_close(c.membership.is_alive)
         c.store.seal()
         if c.leader is not None:

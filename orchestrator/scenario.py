@@ -176,10 +176,14 @@ class SecuritySection:
     certs: str = ""
     """Folder of a bundle made by ``./launch.sh certs`` (ca.pem, server.pem/.key,
     clients/<name>.pem/.key). '': a throwaway CA and certificates in RUN_DIR/certs."""
-    token_seconds: float = 600.0
+    token_seconds: float = 0.0
     """Epoch of a session token (``orchestrator/identity.py``): a token is accepted for its
     own epoch and one epoch either side, so it lives 1-2 x this long; heartbeats hand the
-    node a fresh one when the epoch turns, an expired one makes the node re-join."""
+    node a fresh one when the epoch turns, an expired one makes the node re-join.
+    0: ``max(600, federation.lease_seconds)`` (see :meth:`token_epoch`)."""
+
+    def token_epoch(self, lease_seconds: float) -> float:
+        return self.token_seconds or max(600.0, lease_seconds)
     enrol: bool = False
     """Enrolled node names (``orchestrator/enrolment.py``): a join must present its name's
     enrolment secret as its node secret, so the federation token alone takes no name."""
@@ -356,9 +360,9 @@ def _validate(s: Scenario) -> None:
          f"= {s.security.certs!r} is set but TLS is off; set security.tls = true (or mtls = true), or leave it ''")
     need(s.security.certs == s.security.certs.strip(), "security.certs",
          f"= {s.security.certs!r} has leading or trailing spaces")
-    need(1 <= s.security.token_seconds <= 7 * 86400, "security.token_seconds",
-         f"= {s.security.token_seconds:g} must be in 1 .. 604800 seconds")
-    need(s.security.token_seconds >= fed.lease_seconds / 2, "security.token_seconds",
+    need(s.security.token_seconds == 0 or 1 <= s.security.token_seconds <= 7 * 86400, "security.token_seconds",
+         f"= {s.security.token_seconds:g} must be 0 (auto: max(600, lease_seconds)) or in 1 .. 604800 seconds")
+    need(s.security.token_epoch(fed.lease_seconds) >= fed.lease_seconds / 2, "security.token_seconds",
          f"= {s.security.token_seconds:g} must be >= federation.lease_seconds / 2 = {fed.lease_seconds / 2:g} s: "
          "nodes heartbeat every lease_seconds / 3 and must pick up each rotated token before the old one expires")
     need(not s.security.enrol_dir or s.security.enrol, "security.enrol_dir",

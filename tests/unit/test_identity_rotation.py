@@ -127,7 +127,7 @@ def test_the_enrolment_folder_is_private_and_reused(tmp_path):
 
 
 @pytest.mark.parametrize("security, match", [
-    ({"token_seconds": 0.5}, "security.token_seconds = 0.5 must be in 1 .. 604800"),
+    ({"token_seconds": 0.5}, "security.token_seconds = 0.5 must be 0 (auto: max(600, lease_seconds)) or in 1 .. 604800"),
     ({"token_seconds": 1e9}, "security.token_seconds"),
     ({"token_seconds": 1}, "federation.lease_seconds / 2"),
     ({"enrol_dir": "x"}, "security.enrol_dir"),
@@ -196,3 +196,9 @@ def test_the_launcher_hands_each_local_node_its_enrolment_secret_in_the_environm
         assert not any(enrol.secret(name) in a for a in p.argv)  # never on a command line
     plain = NodeLaunch(scenario(roles=[{"name": "honest", "count": 1}]), "127.0.0.1:1", "tok", tmp_path / "p")
     assert plain.describe("honest-000").env["BYZFED_NODE_SECRET"] == ""  # (not inherited either)
+
+
+def test_the_default_token_epoch_follows_a_long_lease():
+    long = scenario(federation={"lease_seconds": 3600.0})  # (the default, 0, is valid with any lease)
+    assert long.security.token_epoch(3600.0) == 3600.0
+    assert scenario().security.token_epoch(6.0) == 600.0
