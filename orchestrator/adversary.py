@@ -260,7 +260,7 @@ class ByzantineSupport:
             tls = server_tls(s, coord.run_dir) if s.security.enabled else None
             self.collusion = CollusionServer(self.group, self._collusion_token, bind, 0,
                                              credentials=tls.credentials() if tls is not None else None)
-            told, service = coord.on_event, self.collusion.service
+            told, service = getattr(coord, "on_event", lambda kind, info: None), self.collusion.service
 
             def on_event(kind: str, info: dict, told=told) -> None:  # a round's selected colluders
                 if kind == "round_open":

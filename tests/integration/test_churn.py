@@ -106,7 +106,8 @@ def test_a_round_below_quorum_is_abandoned_and_recorded(tmp_path):
 def test_late_joiners_honest_and_byzantine_enter_selection(tmp_path):
     s = scenario(federation={"rounds": 6, "selection": "sample", "sample_size": 8, "round_timeout": 60.0},
                  defense={"name": "median", "f": 2},
-                 roles=[{"name": "honest", "count": 4},
+                 # (0.4 s per round at least: the node started after 1 s joins while rounds remain)
+                 roles=[{"name": "honest", "count": 4, "train_delay_s": 0.4},
                         {"name": "late", "count": 1, "join_at_round": 2},
                         {"name": "byzlate", "count": 1, "byzantine": True, "attack": "sign_flip",
                          "join_at_round": 2},
