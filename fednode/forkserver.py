@@ -38,6 +38,7 @@ import signal
 import socket
 import sys
 import traceback
+from typing import Callable, Optional
 
 WARM = ("numpy", "grpc", "torch", "torch.nn.functional", "google.protobuf", "proto.codec", "proto.layout",
         "proto.seeding", "proto.tls", "fednode.__main__", "fednode.node", "fednode.client", "fednode.byzantine",
@@ -94,15 +95,19 @@ def _preload(spec: str) -> None:
         pass
 
 
-def _die_with_parent() -> None:
+def death_signal() -> Optional[Callable[[], None]]:
+    """A function that asks Linux to SIGKILL the calling process when the thread that
+    started it ends (``PR_SET_PDEATHSIG``; kept across ``exec``), or None where that is not
+    available. The launcher passes it as a ``preexec_fn``; a forked node calls it."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     import ctypes
 
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
 
 def _name_me(argv: list[str]) -> None:
@@ -119,7 +124,7 @@ def _name_me(argv: list[str]) -> None:
         pass
 
 
-def _child(sock: socket.socket, server_pid: int, req: dict) -> None:
+def _child(sock: socket.socket, server_pid: int, req: dict, die: Optional[Callable[[], None]]) -> None:
     """In the forked child: become the node process ``req`` asks for; never returns."""
     code = 1
     try:
@@ -128,7 +133,8 @@ def _child(sock: socket.socket, server_pid: int, req: dict) -> None:
             signal.signal(sig, signal.SIG_DFL)
         import gc
         gc.enable()
-        _die_with_parent()
+        if die is not None:
+            die()
         if os.getppid() != server_pid:  # (the server died between the fork and the prctl)
             os._exit(1)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -184,6 +190,7 @@ def serve(fd: int) -> int:
     # visit (and so never write to, and copy) the pages that hold them.
     gc.freeze()
     pid = os.getpid()
+    die = death_signal()  # (resolved once, before any fork)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     buf = b""
@@ -208,7 +215,7 @@ def serve(fd: int) -> int:
                         say({"id": req.get("id"), "error": str(e)})
                         continue
                     if child == 0:
-                        _child(sock, pid, req)
+                        _child(sock, pid, req, die)
                     say({"id": req.get("id"), "pid": child})
             while True:  # reap every child that ended, and say so
                 try:

@@ -156,17 +156,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _node_names(args) -> list[str]:
+    """The node names of ``certs``/``enrol``: ``--nodes`` lists, then ``--scenario``'s
+    roster, each once."""
+    from .scenario import load
+    names = [n.strip() for text in args.nodes for n in text.split(",") if n.strip()]
+    if args.scenario:
+        names += [n for n, _ in load(args.scenario).node_roles()]
+    return list(dict.fromkeys(names))
+
+
 def _certs(args) -> int:
     from proto.certs import CertError, write_bundle
 
-    from .scenario import ScenarioError, load
-    names = [n.strip() for text in args.nodes for n in text.split(",") if n.strip()]
+    from .scenario import ScenarioError
     try:
-        if args.scenario:
-            names += [n for n, _ in load(args.scenario).node_roles()]
+        names = _node_names(args)
         if not 1 <= args.days <= 3650:
             raise CertError(f"--days {args.days} must be in 1 .. 3650")
-        d = write_bundle(Path(args.dir), args.hosts, list(dict.fromkeys(names)), days=args.days)
+        d = write_bundle(Path(args.dir), args.hosts, names, days=args.days)
     except (ScenarioError, CertError, OSError) as exc:
         print(f"certs: {exc}", file=sys.stderr)
         return 2
@@ -179,14 +187,12 @@ def _enrol(args) -> int:
     from proto.certs import CertError, check_name
 
     from .enrolment import write_folder
-    from .scenario import ScenarioError, load
-    names = [n.strip() for text in args.nodes for n in text.split(",") if n.strip()]
+    from .scenario import ScenarioError
     try:
-        if args.scenario:
-            names += [n for n, _ in load(args.scenario).node_roles()]
+        names = _node_names(args)
         for n in names:
             check_name(n)  # (each names a file)
-        write_folder(Path(args.dir), list(dict.fromkeys(names)))
+        write_folder(Path(args.dir), names)
     except (ScenarioError, CertError, OSError, ValueError) as exc:
         print(f"enrol: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from fednode.forkserver import death_signal
 from proto.tls import ENV_CA, ENV_CERT, ENV_KEY, ClientTls
 
 from .checks import idle_mode
@@ -178,20 +179,6 @@ class NodeLaunch:
                 late.append(("round", role.rejoin_at_round, name, f"{name}@rejoin"))
                 waits.setdefault(role.rejoin_at_round, set()).add(name)
         return now, late, waits
-
-
-def _die_with_parent() -> Optional[Callable[[], None]]:
-    """A ``preexec_fn`` that asks Linux to SIGKILL the child when the thread that started it
-    ends (``PR_SET_PDEATHSIG``; kept across ``exec``), or None where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
 
 FORK_ENV = "BYZFED_FORK_SERVER"
@@ -373,7 +360,7 @@ class ChildProcesses:
     child ends, so children must be started from threads that live until :meth:`stop_all`."""
 
     def __init__(self, die_with_parent: bool = False, fork_nodes: Optional[bool] = None) -> None:
-        self._preexec = _die_with_parent() if die_with_parent else None
+        self._preexec = death_signal() if die_with_parent else None
         self.procs: dict[str, subprocess.Popen | ForkedProcess] = {}
         self.described: dict[str, NodeProcess] = {}
         self._lock = threading.Lock()

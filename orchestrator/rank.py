@@ -42,4 +42,5 @@ def follow(scenario, run_dir: Path, rank: int, world: int, rendezvous: str, adve
     finally:
         coord.shutdown.set()
         server.stop(grace=1.0)
+        roster.stop()
         group.close()
