@@ -308,8 +308,10 @@ def test_one_mpirun_across_two_hosts(job, hosts, tmp_path):
     on = {h: [n for n, t in logs.items() if re.search(rf"uploads to {re.escape(h)}:\d+ \(advertised", t)]
           for h in (hosts.addr_a, hosts.addr_b)}
     assert on[hosts.addr_a] and on[hosts.addr_b], on  # both ranks ingest, each at its own host's address
-    b_nodes = next(reports[r]["nodes"] for r in reports if reports[r]["host"] == hosts.b)
-    assert any(n in on[hosts.addr_a] for n in b_nodes) or any(n not in b_nodes for n in on[hosts.addr_b])
+    # least-loaded assignment at each join: the two ranks ingest for as many nodes, give or take
+    # one (which host's nodes land on which rank follows the join order; the colluders below
+    # and the ranks' gather are what crosses the veth for certain)
+    assert abs(len(on[hosts.addr_a]) - len(on[hosts.addr_b])) <= 1, on
     assert "upload failed" not in job.logs()
     record = json.loads((job.run_dir / "adversary.json").read_text())
     for r in ("0", "1", "2"):  # one colluder in A, one in B: each got both benign deltas
