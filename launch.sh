@@ -5,6 +5,7 @@
 #   ./launch.sh run SCENARIO.toml [--set key=value ...] [--tls] [--mtls]
 #   ./launch.sh certs DIR [--host H ...] [--nodes NAME,NAME] [--scenario S.toml]   CA + server/client certificates
 #   ./launch.sh enrol DIR [--nodes NAME,NAME] [--scenario S.toml]   enrolment key + DIR/<name>.secret (security.enrol)
+#   ./launch.sh revoke RUN_DIR NAME [--cert PEM]   revoke a node (and its certificate) while the run goes on
 #   ./launch.sh orchestrator SCENARIO.toml [--host H] [--port P] [--advertise-host A] [--token T]   orchestrator only
 #   BYZFED_TOKEN=T ./launch.sh node --orchestrator HOST:PORT --name NAME [--tls-ca ca.pem]   one client node
 #   ./launch.sh mpi -np N [--hostfile FILE] [-- extra mpirun args] SCENARIO.toml [--set key=value ...]
@@ -91,6 +92,10 @@ case "$cmd" in
     setup
     [ $# -ge 1 ] || { echo "usage: ./launch.sh enrol DIR [--nodes NAME,NAME] [--scenario S.toml]" >&2; exit 2; }
     exec "$PY" -m orchestrator enrol "$@" ;;
+  revoke)
+    setup
+    [ $# -ge 2 ] || { echo "usage: ./launch.sh revoke RUN_DIR NAME [--cert PEM] [--serial HEX] [--sha256 HEX] [--file F]" >&2; exit 2; }
+    exec "$PY" -m orchestrator revoke "$@" ;;
   sweep)
     setup
     [ $# -ge 1 ] || { echo "usage: ./launch.sh sweep SWEEP.toml [--out DIR] [--parallel K] [--resume]" >&2; exit 2; }
@@ -112,7 +117,7 @@ case "$cmd" in
     cd "$ROOT"
     exec "$PY" -m pytest -q "$@" ;;
   -h|--help|help)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     echo "unknown command '$cmd'; try ./launch.sh help" >&2; exit 2 ;;
 esac

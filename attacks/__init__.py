@@ -16,7 +16,8 @@ from typing import Any
 from proto.registry import Registry
 
 from .base import (KNOWLEDGE_LEVELS, AttackContext, DataAttack, Kind, Knowledge, UpdateAttack,
-                   check_requirements, config_params, mean_std, missing_requirements, reference_stats)
+                   SimulatedHonest, benign_mean_spread, check_requirements, config_params, mean_std,
+                   missing_requirements, reference_stats, simulated_honest)
 from .boosting import Boost, BoostConfig, ModelReplacement, ModelReplacementConfig
 from .data_poisoning import LabelFlip, LabelFlipConfig, TargetedFlip, TargetedFlipConfig
 from .fang import FangKrum, FangKrumConfig, FangTrmean, FangTrmeanConfig
@@ -80,6 +81,7 @@ def describe() -> str:
 
 __all__ = [
     "ATTACKS", "build_attack", "describe", "AttackContext", "Knowledge", "KNOWLEDGE_LEVELS", "Kind",
-    "DataAttack", "UpdateAttack", "reference_stats", "mean_std", "check_requirements", "missing_requirements",
+    "DataAttack", "UpdateAttack", "reference_stats", "mean_std", "simulated_honest", "SimulatedHonest",
+    "benign_mean_spread", "check_requirements", "missing_requirements",
     "Schedule", "build_schedule", "search_scale", "alie_default_z", "MALFORMED_MODES", "NONFINITE_MODES",
 ]

@@ -13,6 +13,7 @@ the defense rule as a callable) through :class:`AttackContext`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Protocol, get_args, runtime_checkable
@@ -187,6 +188,81 @@ def mean_std(rows: Tensor) -> tuple[Tensor, Tensor]:
     if rows.shape[0] < 2:
         return mu, torch.zeros_like(mu)
     return mu, rows.std(dim=0, correction=1)
+
+
+def layer_spread(row: Tensor, slices: list[slice] | None) -> Tensor:
+    """A per-coordinate spread guessed from ONE benign row: in each layer (``slices``;
+    the whole vector when None), the std of that layer's coordinates around the layer
+    mean, broadcast to the layer's coordinates. A crude stand-in for the client-to-client
+    std that one row cannot show (used only when fewer than two benign rows are known)."""
+    row = row.float()
+    out = torch.zeros_like(row)
+    for sl in (slices or [slice(0, row.shape[0])]):
+        part = row[sl]
+        if part.numel() > 1:
+            out[sl] = part.std(correction=1)
+    return out
+
+
+def benign_mean_spread(rows: Tensor, slices: list[slice] | None = None) -> tuple[Tensor, Tensor]:
+    """``(mu, sigma)`` of the known benign rows: :func:`mean_std` with two rows or more;
+    with one row, the row and its :func:`layer_spread` (so that sigma is never all zero)."""
+    rows = rows.float()
+    if rows.shape[0] >= 2:
+        return mean_std(rows)
+    return rows[0].clone(), layer_spread(rows[0], slices)
+
+
+def _fill_generator(reference: Tensor, round_: int) -> torch.Generator:
+    """A generator seeded from the known rows' bytes and the round: every colluder that
+    holds the same rows draws the same fill (so the group still crafts one row)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(int(round_).to_bytes(8, "little", signed=True))
+    h.update(reference.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return torch.Generator().manual_seed(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
+
+
+@dataclass(frozen=True)
+class SimulatedHonest:
+    """The honest part of the matrix a rule-aware attacker simulates (see :func:`simulated_honest`).
+
+    rows: ``[max(k, n - f), d]``, the ``k`` known benign rows first (none when ``k = 1`` and
+    rows are missing: see :func:`simulated_honest`), then ``filled`` synthetic ones; mu,
+    sigma: the known rows' mean and spread (:func:`benign_mean_spread`)."""
+
+    rows: Tensor
+    mu: Tensor
+    sigma: Tensor
+    filled: int
+
+
+def simulated_honest(ctx: AttackContext) -> SimulatedHonest:
+    """The honest rows of the round as the attacker can best reconstruct them.
+
+    The real server sees ``n - f`` honest rows next to the ``f`` Byzantine ones. An
+    omniscient attacker knows them all (``ctx.honest``); colluders know only their own
+    ``k`` benign deltas, often fewer than ``n - f`` (and, with one node, ``k = 1``), so a
+    rule simulated on ``[k rows; f copies]`` may refuse the matrix (Krum needs
+    ``m >= 2f + 3``, Bulyan ``m >= 4f + 3``, trimmed mean ``m > 2f``) or decide on a
+    matrix unlike the real one. APPROXIMATION: when fewer than ``n - f`` rows are known,
+    the missing ``n - f - k`` rows are drawn as ``mu + sigma * N(0, 1)`` per coordinate
+    (Gaussian around the known rows' mean with their spread; with one known row the
+    spread is its :func:`layer_spread`), from a generator seeded by the known rows and
+    the round, so the simulated matrix has the real round's size ``n``. With one known
+    row that row IS the mean estimate, the centre of the draws, not a sample like them (a
+    distance rule such as Krum would always pick it), so then all ``n - f`` rows are drawn."""
+    reference = reference_stats(ctx).float()
+    mu, sigma = benign_mean_spread(reference, ctx.slices)
+    need = int(ctx.n) - int(ctx.f)
+    k = reference.shape[0]
+    if k >= need:
+        return SimulatedHonest(reference, mu, sigma, 0)
+    keep = reference if k >= 2 else reference[:0]
+    draws = need - keep.shape[0]
+    g = _fill_generator(reference, ctx.round)
+    noise = torch.randn((draws, reference.shape[1]), generator=g, dtype=torch.float32).to(reference.device)
+    rows = torch.cat([keep, mu[None] + sigma[None] * noise], dim=0)
+    return SimulatedHonest(rows, mu, sigma, draws)
 
 
 def with_copies(reference: Tensor, row: Tensor, f: int) -> Tensor:

@@ -9,6 +9,16 @@ of the benign updates the node knows.
 Knowledge: with ``ctx.honest`` set the attack is the paper's *full-knowledge*
 variant; otherwise it is the *partial-knowledge* variant, which uses the
 colluders' own benign (before-attack) deltas in place of the honest ones.
+
+APPROXIMATION in the partial-knowledge variant: the colluders know ``k`` benign
+deltas, often fewer than the round's ``n - f`` honest ones (``k = 1`` for a lone
+node). ``fang_krum`` then completes its simulated Krum matrix to ``n - f`` honest rows
+drawn around the known rows' mean with their spread
+(:func:`attacks.base.simulated_honest`), so λ is searched against a matrix of the real
+round's size rather than ``[k rows; f copies]`` (where Krum trivially picks the
+copies at the first λ). ``fang_trmean`` needs a spread: with one known row, whose
+std is zero (the attack then sent the benign row itself), the spread is the row's
+per-layer coordinate std (:func:`attacks.base.layer_spread`).
 """
 from __future__ import annotations
 
@@ -18,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import AttackContext, UpdateAttackBase, check_number, mean_std, rand, reference_stats
+from .base import (AttackContext, UpdateAttackBase, benign_mean_spread, check_number, rand, reference_stats,
+                   simulated_honest)
 
 
 def pairwise_distances(rows: Tensor) -> Tensor:
@@ -100,11 +111,14 @@ class FangKrum(UpdateAttackBase):
     def __init__(self, config: FangKrumConfig) -> None:
         super().__init__(config)
 
+    last_filled: int = 0  # synthetic honest rows in the latest round's simulated Krum matrix
+
     def _craft(self, ctx: AttackContext) -> Tensor:
-        benign = reference_stats(ctx).float()
+        sim = simulated_honest(ctx)  # known benign rows, completed to n - f when fewer are known
+        benign, self.last_filled = sim.rows, sim.filled
         h = benign.shape[0]
         c = max(ctx.f, 1)
-        s = torch.sign(benign.mean(dim=0))
+        s = torch.sign(sim.mu)
         lam = self.config.lambda_init if self.config.lambda_init is not None else fang_lambda_bound(benign, c)
         benign_d2 = pairwise_distances(benign).pow(2)
         # ||b_i + lam s||^2 = ||b_i||^2 + 2 lam <b_i, s> + lam^2 ||s||^2: O(h) per lam
@@ -156,7 +170,7 @@ class FangTrmean(UpdateAttackBase):
 
     def _craft(self, ctx: AttackContext) -> Tensor:
         benign = reference_stats(ctx).float()
-        mu, sigma = mean_std(benign)
+        mu, sigma = benign_mean_spread(benign, ctx.slices)  # one known row: its per-layer spread
         up = mu >= 0  # honest pushes this coordinate up: go below the benign range
         b = self.config.b
         if ctx.honest is not None:

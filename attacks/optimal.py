@@ -10,12 +10,24 @@ result against the benign mean ``mu``:
 * ALIE maximises the deviation ``||aggregate - mu||``;
 * IPM minimises the inner product ``<aggregate, mu>``.
 
-Both use the one search routine :func:`search_scale`. With colluders only, the
-reference rows are the colluders' benign deltas, so the simulated matrix is
-smaller than the real round's; the rule callable is used as given.
+Both use the one search routine :func:`search_scale`.
+
+Without the omniscient view (knowledge ``colluders``), the attacker knows only its
+group's ``k`` benign deltas, usually fewer than the round's ``n - f`` honest rows, and
+``[k rows; f copies]`` is often a matrix the rule refuses (Krum: ``m >= 2f + 3``,
+Bulyan: ``m >= 4f + 3``, trimmed mean: ``m > 2f``), which left the node with nothing to
+upload. APPROXIMATION (:func:`attacks.base.simulated_honest`): the missing
+``n - f - k`` honest rows are drawn as ``mu + sigma * N(0, 1)`` around the known rows'
+mean ``mu`` with their per-coordinate spread ``sigma`` (one known row: its per-layer
+coordinate std), seeded by the known rows and the round so colluders agree, and the
+rule runs on a matrix of the real round's size ``n``. The crafted row itself is built
+from the known rows' ``mu`` and ``sigma`` only. If the rule still refuses the matrix
+(``n`` unknown to the node), the attack falls back to its plain scale (ALIE's default z,
+IPM's epsilon = 0.1) and records why in ``last_fallback`` instead of failing.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -23,8 +35,10 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .base import AttackContext, UpdateAttackBase, check_number, reference_stats, with_copies
-from .statistical import alie_default_z, alie_row, ipm_row
+from .base import AttackContext, UpdateAttackBase, check_number, simulated_honest, with_copies
+from .statistical import alie_default_z
+
+log = logging.getLogger(__name__)
 
 _INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -82,13 +96,16 @@ def _check_search(config, lo_key: str, hi_key: str) -> None:
 
 
 class _RuleAware(UpdateAttackBase):
-    """Shared driver: simulate the rule on ``[reference; f copies of row(scale)]``."""
+    """Shared driver: simulate the rule on ``[honest rows; f copies of row(scale)]``, the
+    honest rows completed to ``n - f`` when fewer are known (:func:`simulated_honest`)."""
 
     needs = "colluders"
     needs_defense = True
     last_scale: float | None = None  # scale chosen in the latest round, for diagnostics
+    last_filled: int = 0  # synthetic honest rows added to the simulation in the latest round
+    last_fallback: str | None = None  # why the latest round used the plain scale, or None
 
-    def _row(self, reference: Tensor, scale: float) -> Tensor:  # pragma: no cover - abstract
+    def _row(self, mu: Tensor, sigma: Tensor, scale: float) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _score(self, aggregate: Tensor, mu: Tensor) -> float:  # pragma: no cover - abstract
@@ -97,21 +114,31 @@ class _RuleAware(UpdateAttackBase):
     def _bounds(self, ctx: AttackContext) -> tuple[float, float, tuple[float, ...]]:  # pragma: no cover
         raise NotImplementedError
 
+    def _plain_scale(self, ctx: AttackContext) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def _craft(self, ctx: AttackContext) -> Tensor:
-        reference = reference_stats(ctx).float()
-        mu = reference.mean(dim=0)
+        sim = simulated_honest(ctx)
+        mu, sigma = sim.mu, sim.sigma
         f = max(ctx.f, 1)
+        self.last_filled, self.last_fallback = sim.filled, None
 
         def objective(scale: float) -> float:
-            out = ctx.aggregate(with_copies(reference, self._row(reference, scale), f))
+            out = ctx.aggregate(with_copies(sim.rows, self._row(mu, sigma, scale), f))
             if tuple(out.shape) != tuple(mu.shape):
-                raise ValueError(f"ctx.aggregate returned shape {tuple(out.shape)}, expected {tuple(mu.shape)}")
+                raise RuntimeError(f"ctx.aggregate returned shape {tuple(out.shape)}, expected {tuple(mu.shape)}")
             return self._score(out.to(mu.device, torch.float32), mu)
 
         lo, hi, extra = self._bounds(ctx)
-        scale, _ = search_scale(objective, lo, hi, grid=self.config.grid, refine=self.config.refine, extra=extra)
+        try:
+            scale, _ = search_scale(objective, lo, hi, grid=self.config.grid, refine=self.config.refine, extra=extra)
+        except ValueError as exc:  # the rule refused the simulated matrix (e.g. n unknown)
+            scale = self._plain_scale(ctx)
+            self.last_fallback = str(exc)
+            log.warning("%s: the defense refused the simulated matrix of %d rows (%s); using the plain scale %.4g",
+                        self.name, sim.rows.shape[0] + f, exc, scale)
         self.last_scale = scale
-        return self._row(reference, scale)
+        return self._row(mu, sigma, scale)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,14 +165,17 @@ class AlieOpt(_RuleAware):
     def __init__(self, config: AlieOptConfig) -> None:
         super().__init__(config)
 
-    def _row(self, reference: Tensor, scale: float) -> Tensor:
-        return alie_row(reference, scale)
+    def _row(self, mu: Tensor, sigma: Tensor, scale: float) -> Tensor:
+        return mu + scale * sigma  # alie_row of the known rows
 
     def _score(self, aggregate: Tensor, mu: Tensor) -> float:
         return float((aggregate - mu).norm())
 
     def _bounds(self, ctx: AttackContext) -> tuple[float, float, tuple[float, ...]]:
         return self.config.z_min, self.config.z_max, (alie_default_z(ctx.n, ctx.f),)
+
+    def _plain_scale(self, ctx: AttackContext) -> float:
+        return alie_default_z(ctx.n, ctx.f)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,11 +200,14 @@ class IpmOpt(_RuleAware):
     def __init__(self, config: IpmOptConfig) -> None:
         super().__init__(config)
 
-    def _row(self, reference: Tensor, scale: float) -> Tensor:
-        return ipm_row(reference, scale)
+    def _row(self, mu: Tensor, sigma: Tensor, scale: float) -> Tensor:
+        return -scale * mu  # ipm_row of the known rows
 
     def _score(self, aggregate: Tensor, mu: Tensor) -> float:
         return -float(aggregate.double().dot(mu.double()))
 
     def _bounds(self, ctx: AttackContext) -> tuple[float, float, tuple[float, ...]]:
         return self.config.eps_min, self.config.eps_max, ()
+
+    def _plain_scale(self, ctx: AttackContext) -> float:
+        return 0.1  # plain IPM's default epsilon

@@ -71,6 +71,23 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_ns(pid: int) -> int | None:
+    """Nanoseconds on a CPU, all threads (``/proc/PID/task/*/schedstat``: finer than the
+    10 ms ticks of ``stat``, which an idle node's second rounds to 0 or 10 ms)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            continue
+    return total
+
+
 def is_fork_server(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -148,6 +165,11 @@ def main(argv=None) -> int:
     idle_rss, idle_pss, torch_rss, torch_pss = [], [], [], []
     idle_pss_totals: list[int] = []
     prev_cpu: dict[int, float] = {}
+    prev_ns: dict[int, tuple[float, int]] = {}
+    idle_cpu: list[float] = []  # an idle node's CPU between two samples, microseconds per second
+    idle_cores: list[float] = []  # all idle nodes' CPU between two samples, in cores
+    orch_cores: list[float] = []
+    prev_orch: tuple[float, int] | None = None
     forked = False
     max_nodes, max_node_pss_total, max_torch_procs = 0, 0, 0
     orch_per_round: list[dict] = []
@@ -160,6 +182,13 @@ def main(argv=None) -> int:
             total = sum((mem_kb(s) or (0, 0))[1] for s in servers)
             n_torch = 0
             idle_total = 0
+            idle_sum, idle_seen = 0.0, 0
+            now = time.monotonic()
+            on = cpu_ns(proc.pid)
+            if on is not None:
+                if prev_orch is not None and now > prev_orch[0]:
+                    orch_cores.append((on - prev_orch[1]) / 1e9 / (now - prev_orch[0]))
+                prev_orch = (now, on)
             for pid in kids:
                 m = sample(pid)
                 cpu = cpu_seconds(pid)
@@ -171,8 +200,16 @@ def main(argv=None) -> int:
                     before = prev_cpu.get(pid)
                     busy = before is None or cpu - before > 0.02 * args.interval
                 prev_cpu[pid] = cpu
+                ns, last = cpu_ns(pid), prev_ns.get(pid)
+                if ns is not None:
+                    prev_ns[pid] = (now, ns)
                 if not busy:
                     idle_total += m[1]
+                    if ns is not None and last is not None and now > last[0]:
+                        rate = (ns - last[1]) / 1e3 / (now - last[0])
+                        idle_cpu.append(rate)
+                        idle_sum += rate
+                        idle_seen += 1
                 if busy:
                     n_torch += 1
                     torch_rss.append(m[0])
@@ -181,6 +218,8 @@ def main(argv=None) -> int:
                     idle_rss.append(m[0])
                     idle_pss.append(m[1])
             idle_pss_totals.append(idle_total)
+            if idle_seen:
+                idle_cores.append(idle_sum / 1e6)
             max_nodes = max(max_nodes, len(kids))
             max_node_pss_total = max(max_node_pss_total, total)
             max_torch_procs = max(max_torch_procs, n_torch)
@@ -219,6 +258,10 @@ def main(argv=None) -> int:
         "torch_node_pss_mb": {"median": mb(pct(torch_pss, 0.5)), "p95": mb(pct(torch_pss, 0.95)), "max": mb(max(torch_pss, default=0))},
         "all_nodes_pss_total_max_mb": mb(max_node_pss_total),
         "idle_nodes_pss_total_max_mb": mb(max(idle_pss_totals, default=0)),
+        "idle_node_cpu_us_per_s": {"median": round(pct(idle_cpu, 0.5), 1), "p95": round(pct(idle_cpu, 0.95), 1),
+                                   "samples": len(idle_cpu)},
+        "idle_nodes_cores": {"median": round(pct(idle_cores, 0.5), 3), "max": round(max(idle_cores, default=0), 3)},
+        "orchestrator_cores": {"median": round(pct(orch_cores, 0.5), 3), "max": round(max(orch_cores, default=0), 3)},
         "forked_nodes": forked,
         "startup_cpu_s": (lambda v: {"selections": len(v), "median": round(pct(v, 0.5), 3), "p95": round(pct(v, 0.95), 3),
                                      "max": round(max(v, default=float("nan")), 3)})(startup_cpu(run_dir)),

@@ -18,7 +18,15 @@ BatchNorm buffers); the plugin (vdc) runs those models (8 probes).
 
     ./launch.sh bench defenses [--n 20 50 100] [--d 1M 11M] [--reps 3] [--only krum,median]
                                [--threads 1 --clock cpu] [--wait-idle 60] [--heap orchestrator|default]
-                               [--common 1000]
+                               [--common 1000] [--peers /tmp/peers]
+
+``--peers DIR`` also times other implementations in the same process and
+rounds, as ratios to the same mean reference (table "Peers"): ByzFL's
+``Median`` and ``TrMean`` on the numpy matrix (its numpy path: ``np.median`` /
+``np.sort`` along the client axis), loaded from ``DIR`` (``pip install --no-deps
+--target DIR byzfl==0.0.11``; only its aggregator module is imported, not the
+package, whose ``__init__`` pulls in torchvision), plus ``scipy.stats.trim_mean``
+and ``torch.median(dim=0)``. ByzFL is not a dependency of the project.
 
 ``--common S`` adds a part shared by every update, ``S`` times the spread (the
 default data has none; late in training ``S`` is ~1000, where the Euclidean
@@ -132,6 +140,49 @@ class PeakHeap:
 CLOCK = time.perf_counter
 IDLE_WAIT = 0.0
 COMMON = 0.0
+PEERS: "object | None" = None
+PEERS_VERSION = ""
+
+
+def load_byzfl(target: str):
+    """ByzFL's aggregator module from a ``pip install --target`` folder, without
+    running the package's ``__init__`` (which imports its training framework
+    and torchvision): empty package stubs for ``byzfl`` and its subpackages."""
+    import importlib.util
+    import types
+
+    root = Path(target) / "byzfl"
+    if not (root / "aggregators" / "aggregators.py").is_file():
+        raise SystemExit(f"--peers {target}: no byzfl/aggregators/aggregators.py there "
+                         f"(pip install --no-deps --target {target} byzfl==0.0.11)")
+    for name, sub in (("byzfl", root), ("byzfl.utils", root / "utils"), ("byzfl.aggregators", root / "aggregators")):
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(sub)]
+            sys.modules[name] = mod
+    spec = importlib.util.spec_from_file_location("byzfl.aggregators.aggregators", root / "aggregators" / "aggregators.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    versions = sorted(Path(target).glob("byzfl-*.dist-info"))
+    global PEERS_VERSION
+    PEERS_VERSION = versions[-1].name[len("byzfl-"):-len(".dist-info")] if versions else "?"
+    return mod
+
+
+def peer_calls(updates: torch.Tensor, f: int) -> list[tuple[str, str, object]]:
+    """``(label, byzfed rule it compares with, call)`` for the peers' aggregators."""
+    import numpy as np
+    import scipy.stats
+
+    xn = updates.numpy()
+    median, trmean = PEERS.Median(), PEERS.TrMean(f)
+    n = updates.shape[0]
+    return [(f"ByzFL {PEERS_VERSION} Median (np.median, axis 0)", "median", lambda: median(xn)),
+            (f"ByzFL {PEERS_VERSION} TrMean(f) (np.sort, axis 0)", "trimmed_mean", lambda: trmean(xn)),
+            ("scipy.stats.trim_mean(f / n, axis 0)", "trimmed_mean",
+             lambda: scipy.stats.trim_mean(xn, f / n, axis=0)),
+            ("torch.median(dim=0)", "median", lambda: torch.median(updates, 0)),
+            ("np.median(axis=0)", "median", lambda: np.median(xn, axis=0))]
 
 
 def _cpu_idle(window: float = 0.25) -> float:
@@ -188,6 +239,8 @@ def run_size(n: int, dkey: str, reps: int, only: set[str] | None) -> None:
             if not only or name in only or label in only]
     refs: dict[str, list[float]] = {"mean": [], "gram": []}
     times: dict[str, list[float]] = {label: [] for label, *_ in todo}
+    peers = peer_calls(updates, f) if PEERS is not None else []
+    peer_times: dict[str, list[float]] = {label: [] for label, *_ in peers}
     extra: dict[str, int] = {}
     # Rounds of one call per rule, references re-timed every round: on a shared
     # machine the best of each is the least disturbed.
@@ -210,6 +263,12 @@ def run_size(n: int, dkey: str, reps: int, only: set[str] | None) -> None:
                 rule(updates, c)
                 t = CLOCK() - t
             times[label].append(t)
+        for label, _, call in peers:
+            gc.collect()
+            wait_idle()
+            t = CLOCK()
+            call()
+            peer_times[label].append(CLOCK() - t)
     wait_idle()
     refs["mean"].append(best_of(lambda: torch.mean(updates, 0), 3))
     refs["gram"].append(best_of(lambda: updates @ updates.T, 2))
@@ -233,6 +292,17 @@ def run_size(n: int, dkey: str, reps: int, only: set[str] | None) -> None:
         print(f"| {label} | {t * 1e3:.1f} | {t / ref['mean']:.1f} | {t / ref['gram']:.2f} | "
               f"{t / (ref['gram'] + ref['mean']):.2f} | {extra[label] / copy_bytes:.2f}{over} | "
               f"{'' if tgt is None else tgt[1]} | {met} |", flush=True)
+    if peers:
+        print(f"\nPeers (same process and rounds, f = {f}, best of {reps}): x mean, and byzfed's time "
+              f"over the peer's (< 1: byzfed faster)\n")
+        print("| peer | ms | x mean | byzfed rule | byzfed x mean | byzfed / peer |")
+        print("|---|---:|---:|---|---:|---:|")
+        for label, ours, _ in peers:
+            t = min(peer_times[label])
+            mine = best.get(ours)
+            print(f"| {label} | {t * 1e3:.1f} | {t / ref['mean']:.1f} | {ours} | "
+                  + ("" if mine is None else f"{mine / ref['mean']:.1f}") + " | "
+                  + ("" if mine is None else f"{mine / t:.2f}") + " |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heap", choices=("orchestrator", "default"), default="orchestrator",
                    help="glibc malloc settings: the orchestrator's (steady_heap: buffers >= 1 MiB are "
                         "their own mappings, so fresh temporaries page-fault) or glibc's defaults")
+    p.add_argument("--peers", default=None, metavar="DIR",
+                   help="also time ByzFL's Median/TrMean (installed with pip --target DIR), scipy's "
+                        "trim_mean and torch.median, as ratios to the same mean")
     args = p.parse_args(argv)
+    global PEERS
+    if args.peers:
+        PEERS = load_byzfl(args.peers)
     if args.heap == "orchestrator":
         from orchestrator.coordinator import steady_heap
 

@@ -10,7 +10,11 @@ a TCP rendezvous on 127.0.0.1 (``GLOO_SOCKET_IFNAME=lo``), and MPI runs on share
 memory (``--mca btl self,sm``): nothing leaves the machine.
 
     ./launch.sh bench gather [--n 20 100] [--d 1M 11M] [--ranks 1 2 4] [--repeats 3]
-                             [--mem-gib 16] [--out gather.json] [--quick]
+                             [--mem-gib 16] [--out gather.json] [--quick] [--encrypt]
+
+``--encrypt`` also times both paths carrying AES-GCM frames (``security.rank_encryption``:
+``AggregationGroup`` with a sealer, ``MpiGather(sealer=...)``, under a fixed benchmark
+key) and rank 0 sealing and opening its own rows alone (single-thread throughput).
 
 Per size and W: each path gathers once to warm up, then ``--repeats`` times,
 the paths alternating and a barrier before each call; a call's time is its
@@ -75,6 +79,15 @@ def worker(args: argparse.Namespace) -> int:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{int(port[0])}", rank=rank, world_size=w)
     paths = {"gloo": AggregationGroup(dist.group.WORLD), "mpi": MpiGather(comm)}  # real collectives, W = 1 too
+    if args.encrypt:  # the same collectives carrying AES-GCM frames (orchestrator/ranksec.py)
+        import hashlib
+
+        from orchestrator.ranksec import GroupSecret
+        secret = GroupSecret(hashlib.sha256(b"bench/gather.py: a benchmark's fixed group key").digest())
+        sealer = secret.sealer(0, b"bench".ljust(32, b"\0"), rank)
+        paths["gloo_sealed"] = AggregationGroup(dist.group.WORLD, sealer, encrypt=True)
+        paths["mpi_sealed"] = MpiGather(comm, sealer=sealer)
+    names = list(paths)
     results = []
     try:
         for spec in args.combos.split(","):
@@ -83,10 +96,10 @@ def worker(args: argparse.Namespace) -> int:
             rows = torch.empty(count, d, dtype=torch.float32)
             rows.fill_(float(rank + 1))  # touches every page; values tell the rank
             rows[:, 0] = torch.arange(count, dtype=torch.float32)
-            times: dict[str, list[float]] = {"gloo": [], "mpi": []}
+            times: dict[str, list[float]] = {name: [] for name in names}
             check: dict[str, torch.Tensor] = {}
             for rep in range(args.repeats + 1):
-                order = ("gloo", "mpi") if rep % 2 == 0 else ("mpi", "gloo")
+                order = names if rep % 2 == 0 else names[::-1]
                 for name in order:
                     comm.Barrier()
                     t0 = time.perf_counter()
@@ -100,7 +113,29 @@ def worker(args: argparse.Namespace) -> int:
                     comm.Allreduce(dt, slowest, op=MPI.MAX)
                     if rep > 0:
                         times[name].append(float(slowest[0]))
-            assert torch.equal(check["gloo"], check["mpi"]), "the two gathers differ"
+            assert all(torch.equal(check["gloo"], c) for c in check.values()), "the gathers differ"
+            crypto = {}
+            if args.encrypt:  # this rank alone sealing and opening its rows (the others wait)
+                from orchestrator.ranksec import byte_view
+                data = byte_view(rows)
+                seal_t, open_t = [], []
+                for rep in range(args.repeats + 1):
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    frame = sealer.seal(data, 1 << 40, b"G")
+                    t1 = time.perf_counter()
+                    back = sealer.open(frame, rank, 1 << 40, b"G", data.size)
+                    t2 = time.perf_counter()
+                    if rep == 0:
+                        assert np.array_equal(back, data)
+                    else:
+                        seal_t.append(t1 - t0)
+                        open_t.append(t2 - t1)
+                    del frame, back
+                crypto = {"sealed_bytes": int(data.size), "seal_s": statistics.median(seal_t),
+                          "open_s": statistics.median(open_t)}
+                crypto["seal_GBps"] = data.size / crypto["seal_s"] / GB
+                crypto["open_GBps"] = data.size / crypto["open_s"] / GB
             # MPI into one destination kept across calls (its pages touched by the warm-up)
             kept = torch.empty(n, d, dtype=torch.float32)
             times["mpi_kept"] = []
@@ -122,8 +157,16 @@ def worker(args: argparse.Namespace) -> int:
                                 "mpi_GBps": n * d * 4 / med["mpi"] / GB, "mpi_kept_GBps": n * d * 4 / med["mpi_kept"] / GB,
                                 "gloo_over_mpi": med["gloo"] / med["mpi"], "gloo_over_mpi_kept": med["gloo"] / med["mpi_kept"],
                                 "all_s": times})
+                if args.encrypt:
+                    results[-1].update(crypto, gloo_sealed_s=med["gloo_sealed"], mpi_sealed_s=med["mpi_sealed"],
+                                       gloo_sealed_over_plain=med["gloo_sealed"] / med["gloo"],
+                                       mpi_sealed_over_plain=med["mpi_sealed"] / med["mpi"])
                 print(f"W={w} n={n} d={d:,}: gloo {med['gloo']:.3f} s, mpi {med['mpi']:.3f} s, "
-                      f"mpi into a kept matrix {med['mpi_kept']:.3f} s", flush=True)
+                      f"mpi into a kept matrix {med['mpi_kept']:.3f} s"
+                      + (f"; sealed: gloo {med['gloo_sealed']:.3f} s, mpi {med['mpi_sealed']:.3f} s, rank 0 seals "
+                         f"{crypto['seal_GBps']:.2f} GB/s, opens {crypto['open_GBps']:.2f} GB/s"
+                         if args.encrypt else ""),
+                      flush=True)
         if rank == 0:
             Path(args.worker_out).write_text(json.dumps({"results": results, "mpi": MPI.Get_library_version().strip()}))
     finally:
@@ -134,7 +177,7 @@ def worker(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ the launcher
 
-def run_job(w: int, combos: list[tuple[int, int]], repeats: int, timeout: float) -> dict:
+def run_job(w: int, combos: list[tuple[int, int]], repeats: int, timeout: float, encrypt: bool = False) -> dict:
     """One ``mpirun -np w`` over ``combos``; its rank 0's results."""
     with tempfile.TemporaryDirectory(prefix="byzfed-gather-") as tmp:
         out = Path(tmp) / "results.json"
@@ -142,7 +185,8 @@ def run_job(w: int, combos: list[tuple[int, int]], repeats: int, timeout: float)
         cmd = [str(MPIRUN), "-np", str(w), *root, "--oversubscribe", "--bind-to", "none",
                "--mca", "btl", "self,sm", "--mca", "pml", "ob1",
                sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-out", str(out),
-               "--combos", ",".join(f"{n}x{d}" for n, d in combos), "--repeats", str(repeats)]
+               "--combos", ",".join(f"{n}x{d}" for n, d in combos), "--repeats", str(repeats),
+               *(["--encrypt"] if encrypt else [])]
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
         try:
@@ -170,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per mpirun job")
     p.add_argument("--out", default="", help="write the results here as JSON")
     p.add_argument("--quick", action="store_true", help="a smoke run: d = 64K, one timed call")
+    p.add_argument("--encrypt", action="store_true",
+                   help="also time both paths carrying AES-GCM frames (security.rank_encryption) and rank 0's "
+                        "seal + open throughput on its rows")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
     p.add_argument("--combos", default="", help=argparse.SUPPRESS)
@@ -196,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     plan.setdefault(w, []).append((n, d))
     results, library = [], ""
     for w, combos in plan.items():
-        got = run_job(w, combos, args.repeats, args.timeout)
+        got = run_job(w, combos, args.repeats, args.timeout, args.encrypt)
         results += got["results"]
         library = got["mpi"]
     import torch
@@ -209,6 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['W']} | {r['n']} | {r['d']:,} | {r['bytes'] / 1e6:,.0f} | {r['gloo_s']:.3f} ({r['gloo_GBps']:.2f}) | "
               f"{r['mpi_s']:.3f} ({r['mpi_GBps']:.2f}) | {r['gloo_over_mpi']:.1f} | "
               f"{r['mpi_kept_s']:.3f} ({r['mpi_kept_GBps']:.2f}) | {r['gloo_over_mpi_kept']:.1f} |")
+    if args.encrypt:
+        print("\nSealed (AES-GCM, orchestrator/ranksec.py): rank 0 sealing / opening its n / W rows alone, and the "
+              "gathers carrying frames\n")
+        print("| W | n | d | rows sealed MB | seal GB/s | open GB/s | gloo sealed s | sealed / plain | "
+              "MPI sealed s | sealed / plain |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| {r['W']} | {r['n']} | {r['d']:,} | {r['sealed_bytes'] / 1e6:,.0f} | {r['seal_GBps']:.2f} | "
+                  f"{r['open_GBps']:.2f} | {r['gloo_sealed_s']:.3f} | {r['gloo_sealed_over_plain']:.2f} | "
+                  f"{r['mpi_sealed_s']:.3f} | {r['mpi_sealed_over_plain']:.2f} |")
     for s in skipped:
         print(f"skipped: W={s['W']} n={s['n']} d={s['d']:,} (needs {s['need_gib']:.1f} GiB)")
     if args.out:

@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--idle", choices=("warm", "light"), default="warm",
                    help="light: shed torch, model and data after each round by re-executing (same PID and "
                         "identity); warm: keep them loaded")
+    p.add_argument("--state-dir", default=None,
+                   help="keep the local algorithm's per-node state (FedDyn, FedSpeed) in this folder, one file per "
+                        "round trained, so it survives a restart of this node (the launcher passes "
+                        "RUN_DIR/nodes/<name>; none: in memory only)")
     p.add_argument("--after-round", type=int, default=-1, help=argparse.SUPPRESS)  # set by a light re-exec
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -82,12 +86,16 @@ def main(argv=None) -> int:
         print(f"fednode {args.name}: refusing to start: {exc}", file=sys.stderr)
         return 2
     from .churn import ChurnError, ChurnSpec
+    from .client import quiet_waits
     from .node import DeferredBehaviour, Node, NodeConfig
+
+    quiet_waits()
 
     slot_dir = args.slot_dir or os.path.join(tempfile.gettempdir(), "byzfed-train-slots")
     cfg = NodeConfig(address=args.orchestrator, name=args.name, federation_token=args.token,
                      data_dir=args.data_dir, threads=args.threads, churn=args.churn, train_slots=args.train_slots,
-                     slot_dir=slot_dir, idle=args.idle, after_round=args.after_round)
+                     slot_dir=slot_dir, idle=args.idle, after_round=args.after_round,
+                     state_dir=args.state_dir)
     if args.secret:
         cfg.secret = args.secret
     try:

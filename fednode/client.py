@@ -109,6 +109,21 @@ def is_relative(advertised: str) -> bool:
     return not advertised or (host in _WILDCARDS and bool(port))
 
 
+def quiet_waits(seconds: float = 2.0) -> None:
+    """Wake a waiting node seldom: grpc's synchronous client waits for a response in
+    slices of ``grpc._common.MAXIMUM_WAIT_TIMEOUT`` (0.1 s), so that Python can run
+    signal handlers. On POSIX a lock wait is interrupted by a signal anyway (Python
+    >= 3.2), so the slices only wake an idle node's main thread ten times a second
+    in its 20 s long-poll: about half of an idle node's CPU (BENCHMARKS.md, "Idle
+    node CPU"). Deadlines are kept either way (a slice never outlasts the call's
+    remaining time). Only node processes call this."""
+    import grpc._common as common
+
+    seconds = float(os.environ.get("BYZFED_NODE_WAIT_SLICE", seconds))  # (0.1: grpc's own, for A/B benches)
+    if isinstance(getattr(common, "MAXIMUM_WAIT_TIMEOUT", None), float) and seconds > 0:
+        common.MAXIMUM_WAIT_TIMEOUT = seconds
+
+
 def channel_options() -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES)]

@@ -18,7 +18,10 @@ selected, inside one of the machine's training slots (``fednode.slots``). With
 itself (same PID, same secret, hence the same node id on re-join) with
 ``--after-round R`` so it does not take round R's task again. State kept in
 memory across rounds (FedDyn/FedSpeed corrections) does not survive that, so
-stateful algorithms run with ``idle = "warm"``.
+stateful algorithms run with ``idle = "warm"``. With ``--state-dir`` the node keeps
+that state on its disk instead, one file per round trained (``fednode.node_state``),
+so it outlives the process: a node restarted after its orchestrator was killed and
+resumed goes on from the state of the round the resumed run starts from.
 """
 from __future__ import annotations
 
@@ -122,6 +125,11 @@ class NodeConfig:
     and freed heap after a round in place instead of re-executing (which would import
     torch again for the next round)."""
     """Re-executes this node with ``--after-round R`` (set by ``__main__``)."""
+    state_dir: Optional[str] = None
+    """Folder for the local algorithm's per-node state (FedDyn, FedSpeed), one file per
+    round trained (``fednode.node_state``): the state outlives this process, and a round
+    run again after the orchestrator was killed starts from the state before it. None:
+    the state is kept in memory only (lost with the process)."""
 
 
 class Node:
@@ -135,6 +143,10 @@ class Node:
         self.exit_status = 0  # set to EXIT_NAME_TAKEN when the join finds its name held by another node
         self._need_rejoin = threading.Event()
         self.state: dict[str, Any] = {}  # local-algorithm state kept across rounds (FedDyn, FedSpeed)
+        self.state_store = None  # fednode.node_state.NodeStateStore with --state-dir
+        if config.state_dir:
+            from .node_state import NodeStateStore
+            self.state_store = NodeStateStore(config.state_dir, config.name)
         self._work = None  # (model, x, y, num_classes), loaded at the first task
         self._selected_cpu: Optional[float] = None  # process CPU seconds when this round's work began
         self.rounds_done = 0
@@ -280,9 +292,15 @@ class Node:
         t = dict(task.train)
         seed, round_id = t.pop("seed"), t.pop("round")
         t.pop("num_selected", None)  # round facts, not hyper-parameters
+        keep_from = t.pop("checkpoint_round", None)
         g = generator(seed, "train", round_id, self.cfg.name)
         cfg = TrainConfig(**t)
+        store = self.state_store if self.state_store is not None and _stateful(cfg.algorithm) else None
+        if store is not None:  # the state after the newest round before this one (a re-run round: as the first time)
+            self.state, _ = store.load_before(round_id, cfg.algorithm)
         delta = train_local(model, self.client.session.layout, task.weights, x, y, cfg, g, self.state, num_classes)
+        if store is not None:
+            store.save(round_id, cfg.algorithm, self.state, keep_from=keep_from)
         if self.churn is not None:
             self.churn.crash_point("train", task.round)
         return delta, len(y), time.monotonic() - t0
@@ -420,6 +438,12 @@ class Node:
                 self.client.leave("shutdown", timeout=2.0)
         except grpc.RpcError:
             pass
+
+
+def _stateful(algorithm: str) -> bool:
+    from .strategies import lookup
+
+    return lookup(algorithm)[1].stateful
 
 
 class DeferredBehaviour:

@@ -13,6 +13,8 @@ Commands:
                                    (security.enrol_dir; orchestrator/enrolment.py)
   sweep SWEEP [--out DIR] [--parallel K] [--resume]   a grid of runs, results.csv and report.md
                                    (orchestrator/sweep.py)
+  revoke RUN_DIR NAME [--cert PEM] [--serial HEX] [--sha256 HEX] [--file F]   revoke a node (and
+                                   its certificate) while the run goes on (orchestrator/revocation.py)
 """
 from __future__ import annotations
 
@@ -45,9 +47,10 @@ def main(argv=None) -> int:
         if name != "check":
             sp.add_argument("--out", default=None, help="folder for run outputs (default: the scenario's output.dir)")
             sp.add_argument("--run-dir", default=None, help="exact run folder (resumes from its checkpoint if present)")
-        if name == "mpi":
+        if name in ("mpi", "run"):
             sp.add_argument("--token", default=os.environ.get("BYZFED_TOKEN"),
-                            help="federation token (default: $BYZFED_TOKEN or random, chosen by rank 0)")
+                            help="federation token (default: $BYZFED_TOKEN or random, chosen by rank 0); "
+                                 "also what load sessions (roles.load) join with")
         if name == "serve":
             sp.add_argument("--host", default=None, help="listen address (default: federation.host)")
             sp.add_argument("--port", type=int, default=None, help="listen port (default: federation.port)")
@@ -67,6 +70,8 @@ def main(argv=None) -> int:
     rk.add_argument("--rendezvous", required=True, help="tcp://HOST:PORT of rank 0's group store")
     rk.add_argument("--run-dir", required=True)
     rk.add_argument("--advertise-host", default="", help="host or IP nodes on other machines reach this rank at")
+    rk.add_argument("--group-key-file", default="", help="0600 file holding the run's group key (64 hex digits; "
+                                                         "default: $BYZFED_GROUP_KEY, as the launcher hands it)")
     ct = sub.add_parser("certs", help="write a CA, a server certificate and client certificates to a folder "
                                       "(security.certs)")
     ct.add_argument("dir", help="folder to write (an existing CA there, ca.pem + ca.key, is kept and reused)")
@@ -82,6 +87,19 @@ def main(argv=None) -> int:
     en.add_argument("--nodes", action="append", default=[], metavar="NAMES",
                     help="secrets for these node names (comma-separated, repeatable)")
     en.add_argument("--scenario", default=None, help="secrets for every node of this scenario")
+    rv = sub.add_parser("revoke", help="revoke a node name (and a client certificate) of a run while it goes on "
+                                       "(security.revoked; default RUN_DIR/revoked.txt)")
+    rv.add_argument("run_dir", help="the run's folder (its scenario.json names the roster and security.revoked)")
+    rv.add_argument("name", help="the node name to revoke")
+    rv.add_argument("--cert", default=None, metavar="PEM",
+                    help="also revoke this client certificate (by its serial and SHA-256 fingerprint)")
+    rv.add_argument("--serial", action="append", default=[], metavar="HEX",
+                    help="also revoke the client certificate of this serial number (repeatable)")
+    rv.add_argument("--sha256", action="append", default=[], metavar="HEX",
+                    help="also revoke the client certificate of this SHA-256 fingerprint (repeatable)")
+    rv.add_argument("--file", default=None, metavar="F",
+                    help="the revocation list to append to (default: the run's security.revoked, else "
+                         "RUN_DIR/revoked.txt)")
     sub.add_parser("defenses", help="list the registered defenses")
     sub.add_parser("sweep", help="run a grid of scenarios (sweep file): results.csv and report.md")
     args = p.parse_args(argv)
@@ -99,6 +117,9 @@ def main(argv=None) -> int:
 
     if args.cmd == "enrol":
         return _enrol(args)
+
+    if args.cmd == "revoke":
+        return _revoke(args)
 
     if getattr(args, "tls", False):
         args.overrides.append("security.tls=true")
@@ -131,6 +152,9 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"security.enrol_dir = {scenario.security.enrol_dir!r}: no {KEY_FILE} there "
                                         f"(make the folder with ./launch.sh enrol {scenario.security.enrol_dir} "
                                         f"--scenario {args.scenario})")
+        if scenario.security.revoked and args.cmd != "check":
+            from .revocation import Revocations
+            Revocations.load(Path(scenario.security.revoked))  # (a bad line or a folder there: an error now)
     except (ScenarioError, ValueError, FileNotFoundError) as exc:
         print(f"scenario error: {exc}", file=sys.stderr)
         return 2
@@ -202,6 +226,45 @@ def _enrol(args) -> int:
     return 0
 
 
+def _revoke(args) -> int:
+    import json
+
+    from .revocation import FILE, RevocationError, append, cert_id
+    try:
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            raise RevocationError(f"run folder {str(run_dir)!r} does not exist")
+        resolved = run_dir / "scenario.json"
+        path = Path(args.file) if args.file else run_dir / FILE
+        if resolved.is_file():
+            raw = json.loads(resolved.read_text())
+            if not args.file and (raw.get("security") or {}).get("revoked"):
+                path = Path(raw["security"]["revoked"])
+            # the roster as Scenario.node_roles names it, from the run's resolved (already checked)
+            # scenario: loading it as a Scenario would import torch (seconds), for a list of names
+            roster = [f"{r['name']}-{i:03d}" for r in raw.get("roles") or () for i in range(int(r["count"]))]
+            if roster and args.name not in roster:
+                raise RevocationError(f"node {args.name!r} is not in the run's roster ({resolved}): expected one "
+                                      f"of {min(roster)!r} .. {max(roster)!r}")
+        if args.name != args.name.strip() or any(c in args.name for c in " \t#") or not args.name:
+            raise RevocationError(f"node name {args.name!r} cannot be listed (no spaces or '#')")
+        lines = [f"name {args.name}"]
+        lines += [f"serial {s}" for s in args.serial] + [f"sha256 {f}" for f in args.sha256]
+        if args.cert:
+            try:
+                cid = cert_id(Path(args.cert).read_bytes())
+            except OSError as exc:
+                raise RevocationError(f"--cert {args.cert!r} cannot be read: {exc.strerror or exc}") from None
+            lines += [f"serial {cid.serial}", f"sha256 {cid.sha256}"]
+        append(path, lines)
+    except (RevocationError, OSError, ValueError) as exc:
+        print(f"revoke: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: revoked node {args.name!r}" + (f" and {len(lines) - 1} certificate id(s)" if len(lines) > 1
+                                                   else "") + " (the run's servers re-read it within about a second)")
+    return 0
+
+
 def _rank(args) -> int:
     import json
     import logging
@@ -217,7 +280,8 @@ def _rank(args) -> int:
     except (ScenarioError, ValueError, OSError) as exc:
         print(f"scenario error: {exc}", file=sys.stderr)
         return 2
-    return follow(scenario, Path(args.run_dir), args.rank, args.world, args.rendezvous, args.advertise_host)
+    return follow(scenario, Path(args.run_dir), args.rank, args.world, args.rendezvous, args.advertise_host,
+                  group_key_file=args.group_key_file)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,18 @@ used up when the update is accepted, so a captured upload re-sent later (with
 its version rewritten, under the same session token) is refused
 (``permission_denied``).
 
+Kill and resume: the coordinator checkpoints after every aggregation (``output.
+checkpoint_every``): the model, its version, the step, the buffer policy (part of the
+run's identity: a resume with another ``buffer_size``, ``max_staleness`` or weighting is
+refused) and :meth:`AsyncKeeper.bookkeeping` (each node's buffered update and open upload
+with its base version, each task holder's phase). A resumed run starts from that version
+with an empty buffer: the updates buffered or in flight at the kill are lost (the resumed
+run writes which, as far as the checkpoint knew them, to ``RUN_DIR/resumed.jsonl``) and
+every node is served a new task of the checkpoint's version. The buffer is taken in
+node-id order, so with ``buffer_size`` = the number of nodes and ``max_staleness = 0``
+(every step one update of every node, all of the current version) a run does not depend
+on arrival times, and a killed and resumed run ends on the uninterrupted run's model.
+
 The keeper has the round ledger's interface, so the gRPC servicer and the
 ingest path serve both modes unchanged; like the ledger it is bookkeeping only
 (the rows live in the row store's pool) and imports neither gRPC nor
@@ -51,6 +63,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import failpoints
 from .errors import Refusal
 from .rounds import Upload, check_nonce, quorum_count
 
@@ -214,6 +227,7 @@ class AsyncKeeper:
                 del self.nonces[upload.node_id]  # used up: the same upload re-sent later is refused
             self.buffer.append(Buffered(upload, ticket.model_version))
             self._cond.notify_all()
+        failpoints.reached("collect", self.step)
 
     # ----- the aggregation loop ---------------------------------------------------------------
     def wait_buffer(self, timeout: float, quorum: float, stop: threading.Event,
@@ -239,7 +253,8 @@ class AsyncKeeper:
             taken: list[Buffered] = []
             if not outcome.startswith("abandoned"):
                 taken, self.buffer = self.buffer[:self.buffer_size], self.buffer[self.buffer_size:]
-                for b in taken:
+                taken.sort(key=lambda b: b.upload.node_id)  # canonical order (as a sync round's): sums do not
+                for b in taken:                              # depend on the arrival order within the buffer
                     b.staleness = self.version - b.base_version
             dropped = {"download": 0, "train": 0, "upload": 0}
             for node_id, phase in list(self.holding.items()):
@@ -250,6 +265,17 @@ class AsyncKeeper:
                      "buffered_after": len(self.buffer)}
             self.refused, self.tasks_served = {}, 0
             return taken, outcome, facts
+
+    def bookkeeping(self, name_of: Callable[[str], str]) -> dict[str, Any]:
+        """What a checkpoint keeps of the buffer's state (by node name: node ids are per run):
+        the step and version served, each node's buffered update and open upload (their base
+        versions: their staleness) and each task holder's phase. A resumed run starts with an
+        empty buffer: these updates are lost with the process and the tasks are issued anew."""
+        with self._cond:
+            return {"step": self.step, "version": self.version,
+                    "buffered": {name_of(b.upload.node_id): b.base_version for b in self.buffer},
+                    "in_flight": {name_of(n): v for n, v in self.in_flight.items()},
+                    "holding": {name_of(n): phase for n, phase in self.holding.items()}}
 
     def notify(self) -> None:
         with self._cond:

@@ -133,8 +133,8 @@ def max_rows(s: "Scenario") -> int:
     if fed.mode == "async":
         return fed.buffer_size
     if fed.selection == "sample":
-        return min(s.num_nodes, -(-int(fed.sample_size * fed.over_selection * 1_000_000) // 1_000_000))
-    return s.num_nodes
+        return min(s.num_trainers, -(-int(fed.sample_size * fed.over_selection * 1_000_000) // 1_000_000))
+    return s.num_trainers
 
 
 MAX_NODES = 100_000
@@ -150,8 +150,8 @@ def check_sizes_and_training(s: "Scenario", need: Need) -> None:
         need(r.count <= MAX_NODES, f"roles[{i}].count", f"= {r.count} is more than {MAX_NODES} nodes")
     need(s.num_nodes <= MAX_NODES, "roles", f"describe {s.num_nodes} nodes; at most {MAX_NODES} are allowed")
     q = s.federation.quorum
-    need(q <= 1 or (float(q).is_integer() and q <= s.num_nodes), "federation.quorum",
-         f"= {q!r} must be a fraction in (0, 1] or a whole count of at most the {s.num_nodes} nodes")
+    need(q <= 1 or (float(q).is_integer() and q <= s.num_trainers), "federation.quorum",
+         f"= {q!r} must be a fraction in (0, 1] or a whole count of at most the {s.num_trainers} nodes")
     try:
         build_config(s.training.algorithm, s.training.params)
     except ValueError as exc:

@@ -126,17 +126,21 @@ class Coordinator:
         self.ingest = Ingest(self.keeper, self.store, self.layout.d, elsewhere=self._elsewhere)
         self._started = time.monotonic()
         steady_heap()
-        shards = partition(self.dataset.train_y, len(self.roster), data.partition, data.alpha, scenario.seed)
-        self.assigned_counts = {name: len(shards[i]) for name, (i, _) in self.roster.items()}
+        # shards split among the nodes rounds can select (load sessions hold none)
+        self.shard_of = {name: j for j, (name, _) in enumerate(scenario.trainer_roles())}
+        shards = partition(self.dataset.train_y, len(self.shard_of), data.partition, data.alpha, scenario.seed)
+        self.assigned_counts = {name: len(shards[j]) for name, j in self.shard_of.items()}
         """The size of the shard each node is assigned: the most samples it may claim."""
         self.byzantine_names = {name for name, (_, role) in self.roster.items() if role.byzantine}
+        self.load_names = frozenset(name for name, (_, role) in self.roster.items() if role.load)
+        """Load sessions (``RoleSection.load``): members that rounds never select."""
         self.metrics = MetricsWriter(run_dir)
         self.pipeline = AggregationPipeline(
             layout=self.layout, device=self.device, group=self.group,
             defense=build_defense(scenario.defense.name, scenario.defense.params), f=scenario.defense.f,
             server_step=server_step_for_algorithm(scenario.training.algorithm, scenario.training.params),
             server_lr=fed.server_lr, param_mask=parameter_mask(self.layout), evaluate=self._evaluate,
-            model_fn=self._model_fn, generator=lambda r: self.generator(r, "defense"), num_nodes=len(self.roster),
+            model_fn=self._model_fn, generator=lambda r: self.generator(r, "defense"), num_nodes=len(self.shard_of),
             byzantine=frozenset(self.byzantine_names), record=self.record_row)
         self.shutdown = threading.Event()
         self.round_id = 0
@@ -146,6 +150,8 @@ class Coordinator:
         self.expected_at_start = len(self.roster)
         self.adversary_view = None  # set by servicer.serve() iff [adversary] omniscient (simulation only)
         self.await_joiners: dict[int, set[str]] = {}  # round -> names the runner starts for that round
+        self.checkpoint_round = 0
+        """The next round of the last checkpoint written or resumed from: where a resumed run starts."""
         self._maybe_resume()
 
     # ----- state the servicer reads -------------------------------------------------
@@ -153,17 +159,19 @@ class Coordinator:
         if name not in self.roster:
             raise Refusal("permission_denied", f"node name {name!r} is not in scenario {self.s.name!r}; "
                                                f"expected one of {min(self.roster)} .. {max(self.roster)}")
-        shard, _ = self.roster[name]
+        shard = self.shard_of.get(name, -1)  # (-1: a load session, which never trains)
         d = self.s.data
         return json.dumps({"model": self.s.model.name, "dataset": d.dataset, "data_dir": d.data_dir,
                            "partition": d.partition, "alpha": d.alpha, "test_fraction": d.test_fraction,
-                           "seed": self.s.seed, "num_shards": len(self.roster), "shard": shard})
+                           "seed": self.s.seed, "num_shards": len(self.shard_of), "shard": shard})
 
     def train_json(self, r: Round) -> str:
         t = asdict(self.s.training)
         t["seed"] = self.s.seed
         t["round"] = r.round_id
         t["num_selected"] = r.num_selected  # n, for attacks that need the round's size (async: B)
+        # the round a resumed run would start from (a node with --state-dir keeps its state back to it)
+        t["checkpoint_round"] = self.checkpoint_round if self.s.output.checkpoint_every else r.round_id
         return json.dumps(t)
 
     def weights_payload(self, model_version: int) -> bytes:
@@ -219,8 +227,14 @@ class Coordinator:
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed by it."""
         s = self.s
-        return {"scenario": s.name, "seed": s.seed, "layout_hash": self.layout_hash, "defense": s.defense.name,
-                "algorithm": s.training.algorithm, "mode": s.federation.mode, "roster": sorted(self.roster)}
+        ident = {"scenario": s.name, "seed": s.seed, "layout_hash": self.layout_hash, "defense": s.defense.name,
+                 "algorithm": s.training.algorithm, "mode": s.federation.mode, "roster": sorted(self.roster)}
+        if s.federation.mode == "async":
+            fed = s.federation
+            ident["buffer_policy"] = {"buffer_size": fed.buffer_size, "max_staleness": fed.max_staleness,
+                                      "staleness_weighting": fed.staleness_weighting,
+                                      "staleness_exponent": float(fed.staleness_exponent)}
+        return ident
 
     def _maybe_resume(self) -> None:
         """Rank 0 of a run folder that holds a checkpoint: go on from it (the model, the
@@ -234,18 +248,33 @@ class Coordinator:
         checkpoint.check_matches(path, ck, self._identity())
         self.model = GlobalModel(ck["global"].clone(), int(ck["model_version"]), ck.get("defense_state", {}),
                                  ck.get("step_state", {}))
-        self.round_id = int(ck["next_round"])
+        self.round_id = self.checkpoint_round = int(ck["next_round"])
         redone = self.metrics.rewind(self.round_id)
-        self.on_event("resumed", {"round": self.round_id, "rows_redone": redone})
+        note: dict[str, Any] = {"round": self.round_id, "model_version": self.model.version, "rows_redone": redone}
+        if "async" in ck:  # the buffer and the open uploads are not resumed: say which were lost
+            a = ck["async"]
+            note["async_lost"] = {"buffered": a.get("buffered", {}), "in_flight": a.get("in_flight", {}),
+                                  "tasks_reissued": sorted(a.get("holding", {}))}
+        with open(self.run_dir / "resumed.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(note) + "\n")
+        self.on_event("resumed", note)
 
     def _checkpoint(self) -> None:
         m = self.model
+        extra: dict[str, Any] = {}
+        if isinstance(self.keeper, AsyncKeeper):  # the buffer's bookkeeping (what a resume loses)
+            extra["async"] = self.keeper.bookkeeping(self.name_of)
         checkpoint.save(self.run_dir / "checkpoint.pt", {
             "global": m.weights.cpu(), "next_round": self.round_id, "model_version": m.version,
-            "defense_state": m.defense_state, "step_state": m.step_state, **self._identity()})
+            "defense_state": m.defense_state, "step_state": m.step_state, **extra, **self._identity()})
+        self.checkpoint_round = self.round_id
 
     def _expire_loop(self) -> None:
-        while not self.shutdown.wait(0.25):
+        # (every member is looked at each time: with 10,000 sessions and a 60 s lease, 4 times
+        # a second was a tenth of the orchestrator's CPU; lease / 8 keeps eviction as prompt)
+        lease = self.s.federation.lease_seconds
+        period = 0.25 if lease < 8 else min(1.0, lease / 8)
+        while not self.shutdown.wait(period):
             self.evict_expired()
             self.keeper.notify()
 

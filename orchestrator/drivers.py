@@ -34,10 +34,14 @@ class Driver:
         """The start of a metrics row: membership now and the joins/leaves since the last row."""
         c = self.c
         events = c.membership.drain_events()
-        return {"round": r_id, "model_version": c.model.version, "alive": len(c.membership.alive()),
-                "joined": [c.name_of(n) for e, n in events if e == "join"],
-                "left": [c.name_of(n) for e, n in events if e == "leave"],
-                "evicted": [c.name_of(n) for e, n in events if e == "evict"]}
+        row = {"round": r_id, "model_version": c.model.version, "alive": len(c.membership.alive()),
+               "joined": [c.name_of(n) for e, n in events if e == "join"],
+               "left": [c.name_of(n) for e, n in events if e == "leave"],
+               "evicted": [c.name_of(n) for e, n in events if e == "evict"]}
+        revoked = [c.name_of(n) for e, n in events if e == "revoked"]  # (evicted with reason "revoked")
+        if revoked:
+            row["evicted_revoked"] = revoked
+        return row
 
     def manifest(self, uploads: list, row: dict[str, Any]):
         """The pipeline's manifest of ``uploads``, with self-reported sample counts capped
@@ -65,11 +69,14 @@ class SyncRounds(Driver):
         while not c.membership.alive() and time.monotonic() < end and not c.shutdown.is_set():
             time.sleep(0.1)
         c.evict_expired()  # a node whose lease just ran out is never selected
-        names = {m.node_id: m.name for m in c.membership.alive()}
+        alive = c.membership.alive()
+        names = {m.node_id: m.name for m in alive if m.name not in c.load_names}
         selected = select(list(names), fed.selection, fed.sample_size, c.generator(r_id, "select"),
                           over_selection=fed.over_selection)
         row = self.membership_row(r_id)
         row.update(alive=len(names), selected=len(selected), selected_nodes=sorted(names[n] for n in selected))
+        if c.load_names:  # (load sessions: members, never selected; not in "alive")
+            row["load_sessions_alive"] = len(alive) - len(names)
         if not selected:
             row.update(outcome="abandoned: no node alive", reported=0)
             c.record_row(row)

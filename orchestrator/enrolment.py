@@ -11,8 +11,10 @@ that is '', ``RUN_DIR/enrol`` (made on first use, with the same files; a resumed
 its key). Locally launched nodes get their secret from the launcher in
 ``BYZFED_NODE_SECRET`` (``launch.node_env``), never on a command line.
 
-Not revocation: a leaked ``<name>.secret`` stays valid for the key's life (make a new
-folder, i.e. new secrets for every node, to revoke).
+A leaked ``<name>.secret`` stays valid for the key's life unless its name is revoked
+(``revocation.py``, ``./launch.sh revoke``: the name's joins are then refused whatever
+secret they present); a leaked ``enrol.key`` derives every name's secret (make a new
+folder, i.e. new secrets for every node).
 """
 from __future__ import annotations
 

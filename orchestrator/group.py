@@ -5,8 +5,19 @@ metrics and checkpoints. Every rank is an ingest endpoint: a node is assigned
 to a rank at its join (the least loaded; a re-join keeps its rank) and
 downloads its tasks from and uploads its updates to that rank, whose session
 checks need no round trip (``identity.SessionKeys``: ids, tokens and upload
-nonces derive from the run's key, which the leader broadcasts when the group
-forms).
+nonces derive from the run's key, which the leader broadcasts, sealed, when the
+group forms).
+
+Security (``ranksec``): every rank holds the run's group secret (from the
+launcher: environment or a 0600 file, never the network). At each generation
+of the group (its forming, every re-form) the leader posts a fresh challenge on
+its store, each rank answers a proof of the secret, the leader admits those
+whose proof verifies (logging the others) and the generation's process group
+meets under a prefix derived from the secret (:meth:`Roster.authenticate`). The
+run's key crosses sealed; with ``security.tls``/``mtls`` or
+``security.rank_encryption`` every collective's payload does
+(``collective.AggregationGroup``), and a payload that does not open fails the
+collective like a dead rank.
 
 Everything between ranks is a ``torch.distributed`` collective on tensors
 (``collective.AggregationGroup``): never a pickled object. The leader drives;
@@ -50,6 +61,7 @@ resumes it (``--run-dir``).
 from __future__ import annotations
 
 import datetime
+import hmac
 import logging
 import os
 import threading
@@ -64,6 +76,7 @@ import torch.distributed as dist
 from .collective import AggregationGroup, open_store, pick_device
 from .errors import Refusal
 from .identity import KEY_BYTES, SessionKeys, TokenRefused, index_of
+from .ranksec import (GROUP_KEY_ENV, GroupAuthError, GroupKeyError, GroupSecret, group_key_from, new_group_key)
 from .rounds import Round, Upload
 
 log = logging.getLogger("orchestrator.group")
@@ -98,6 +111,30 @@ class GroupSpec:
     mpi_comm: Any = field(default=None, compare=False)
     """Under ``mpirun``: an MPI communicator of the aggregation ranks (same order), for
     the MPI gather path (``aggregation.gather``)."""
+    group_key: bytes = field(default=b"", repr=False, compare=False)
+    """The run's group secret (``ranksec``; never logged). b'': from the environment
+    (:data:`~orchestrator.ranksec.GROUP_KEY_ENV` or ``..._FILE``)."""
+
+
+def rank_encryption(scenario) -> bool:
+    """Whether the ranks' collectives are sealed: with TLS on (``security.tls``/``mtls``)
+    or ``security.rank_encryption``. Join proofs and the sealed run key are always on."""
+    sec = scenario.security
+    return bool(sec.enabled or getattr(sec, "rank_encryption", False))
+
+
+def group_secret(spec: GroupSpec) -> GroupSecret:
+    """The group secret of ``spec`` (or the environment); :class:`GroupError` naming
+    where it was looked for when there is none."""
+    try:
+        key = spec.group_key or group_key_from()
+    except GroupKeyError as e:
+        raise GroupError(str(e)) from None
+    if not key:
+        raise GroupError(f"rank {spec.rank}: no group key: the launcher hands every rank of a run the same one, "
+                         f"in ${GROUP_KEY_ENV} (64 hex digits) or a 0600 file (--group-key-file, "
+                         f"$BYZFED_GROUP_KEY_FILE)")
+    return GroupSecret(key)
 
 
 def pick_gather(group: AggregationGroup, scenario, comm: Any, d: int, device: torch.device) -> str:
@@ -114,7 +151,7 @@ def pick_gather(group: AggregationGroup, scenario, comm: Any, d: int, device: to
         return "gloo"
     from .mpigather import MpiGather, choose_gather
 
-    mpi = MpiGather(comm)
+    mpi = MpiGather(comm, sealer=group.sealer if group.sealing else None)
     if want == "auto":
         per_rank = -(-scenario.num_nodes // group.world_size)
         sample = torch.zeros(max(1, min(per_rank, (64 << 20) // max(1, 4 * d))), d)  # at most 64 MiB
@@ -149,10 +186,16 @@ class Roster:
     """The group's members across generations: each rank's original id (its rank when
     the run started) in today's rank order, on the run's long-lived store."""
 
-    def __init__(self, store, rid: int, world: int, device: torch.device, timeout_s: float) -> None:
+    def __init__(self, store, rid: int, world: int, device: torch.device, timeout_s: float,
+                 secret: Optional[GroupSecret] = None, encrypt: bool = False) -> None:
         self.store, self.rid, self.device, self.timeout_s = store, rid, device, timeout_s
+        self.secret, self.encrypt = secret, encrypt
         self.members = list(range(world))
         self.generation = 0
+        self.challenge = b""
+        """The leader's challenge of the current generation (its keys derive from it)."""
+        self.refused: list[dict[str, Any]] = []
+        """Join proofs the leader refused (generation, rank, why); see :meth:`admit`."""
         self._stopped = threading.Event()
         if rid != 0 and world > 1:
             threading.Thread(target=self._beat, name=f"rank-{rid}-beat", daemon=True).start()
@@ -198,9 +241,100 @@ class Roster:
             time.sleep(0.05)
         return sorted(alive)
 
+    # ----- join proofs (ranksec) -------------------------------------------------------
+    def _wait_get(self, key: str, seconds: float) -> bytes:
+        self.store.wait([key], datetime.timedelta(seconds=seconds))
+        return self.store.get(key)
+
+    def challenge_for(self, g: int) -> None:
+        """The leader: post generation ``g``'s fresh challenge (MACed)."""
+        self.challenge = os.urandom(32)
+        self.store.set(f"auth{g}/challenge", self.challenge + self.secret.challenge_tag(g, self.challenge))
+
+    def admit(self, g: int, candidates: list[int], seconds: float) -> list[int]:
+        """The leader: wait (at most ``seconds``) for a valid join proof from each of
+        ``candidates`` (original ids, 0 aside), refusing and logging every proof that does
+        not verify; post the MACed admission of those that proved (with this rank) and
+        return them."""
+        chal = self.challenge
+        pending: dict[int, set[int]] = {m: set() for m in candidates if m != 0}  # id -> proof slots read
+        admitted: dict[int, bytes] = {}
+        end = time.monotonic() + seconds
+        while pending and time.monotonic() < end:
+            for m in list(pending):
+                n = min(self.store.add(f"auth{g}/{m}/n", 0), 64)  # (a flood of claims is not read past 64)
+                for k in range(1, n + 1):
+                    slot = f"auth{g}/{m}/{k}"
+                    if k in pending[m] or not self.store.check([slot]):
+                        continue  # (read already, or claimed and not written yet)
+                    pending[m].add(k)
+                    raw = self.store.get(slot)
+                    nonce, tag = raw[:16], raw[16:]
+                    if len(raw) == 48 and self.secret.check_proof(g, m, chal, nonce, tag):
+                        admitted[m] = nonce
+                        del pending[m]
+                        break
+                    why = "its proof of the group secret does not verify (a process without the run's group key)"
+                    self.refused.append({"generation": g, "rank": m, "why": why})
+                    log.error("refused a join as aggregation rank %d (generation %d): %s", m, g, why)
+            if pending:
+                time.sleep(0.02)
+        members = sorted([0, *admitted])
+        body = ",".join(f"{m}:{admitted[m].hex() if m else ''}" for m in members) + f";enc={int(self.encrypt)}"
+        self.store.set(f"auth{g}/admit", body.encode() + self.secret.admission_tag(g, chal, body.encode()))
+        if pending:
+            log.error("aggregation rank(s) %s did not prove the group secret within %.0f s (generation %d): left out",
+                      sorted(pending), seconds, g)
+        return members
+
+    def prove(self, g: int, seconds: float) -> list[int]:
+        """A non-leader rank: answer generation ``g``'s challenge and wait for the
+        leader's admission; the admitted members. :class:`GroupAuthError` when this rank
+        and the leader do not hold the same group secret, or this rank was not admitted."""
+        raw = self._wait_get(f"auth{g}/challenge", seconds)
+        chal, ctag = raw[:32], raw[32:]
+        nonce = os.urandom(16)
+        k = self.store.add(f"auth{g}/{self.rid}/n", 1)
+        self.store.set(f"auth{g}/{self.rid}/{k}", nonce + self.secret.proof(g, self.rid, chal, nonce))
+        if not hmac_ok(self.secret.challenge_tag(g, chal), ctag):
+            raise GroupAuthError(f"rank {self.rid}: the leader's challenge (generation {g}) does not verify under "
+                                 "this rank's group key: it was started with another key than the leader's "
+                                 f"(${GROUP_KEY_ENV} / --group-key-file); the leader refuses it")
+        raw = self._wait_get(f"auth{g}/admit", seconds)
+        body, tag = raw[:-32], raw[-32:]
+        if not hmac_ok(self.secret.admission_tag(g, chal, body), tag):
+            raise GroupAuthError(f"rank {self.rid}: the group's admission (generation {g}) does not verify under "
+                                 "this rank's group key")
+        listed, _, enc = body.decode().partition(";enc=")
+        entries = dict(e.split(":") for e in listed.split(","))
+        if entries.get(str(self.rid)) != nonce.hex():
+            raise GroupAuthError(f"rank {self.rid}: the leader did not admit this process to generation {g} of the "
+                                 "group (another process proved this rank first, or this one came too late)")
+        if enc != str(int(self.encrypt)):
+            raise GroupAuthError(f"rank {self.rid}: the leader {'seals' if enc == '1' else 'does not seal'} the "
+                                 "group's collectives and this rank would not (security.tls / "
+                                 "security.rank_encryption differ between the ranks' scenarios)")
+        self.challenge = chal
+        return sorted(int(m) for m in entries)
+
+    def authenticate(self, g: int, candidates: list[int], seconds: float) -> list[int]:
+        """Generation ``g``'s join proofs (leader: challenge and admission; others:
+        proof): the members admitted. Without a secret (tests of the bare group): all."""
+        if self.secret is None:
+            return candidates
+        if self.rid == 0:
+            return self.admit(g, candidates, seconds)
+        return self.prove(g, seconds)
+
     def form(self) -> AggregationGroup:
-        return AggregationGroup.on_store(self.store, self.generation, self.rank, len(self.members), self.device,
-                                         self.timeout_s)
+        g = self.generation
+        if self.secret is None:
+            return AggregationGroup.on_store(self.store, g, self.rank, len(self.members), self.device,
+                                             self.timeout_s)
+        return AggregationGroup.on_store(self.store, g, self.rank, len(self.members), self.device, self.timeout_s,
+                                         prefix=self.secret.prefix(g, self.challenge),
+                                         sealer=self.secret.sealer(g, self.challenge, self.rank),
+                                         encrypt=self.encrypt)
 
     def reform(self, group: AggregationGroup) -> list[int]:
         """After a failed collective: drop the broken group, answer the roll call of the
@@ -213,20 +347,28 @@ class Roster:
         g = self.generation + 1
         group.close()
         try:
+            if self.rid == 0 and self.secret is not None:
+                self.challenge_for(g)
             self.store.set(f"roll{g}/{self.rid}", b"1")
             if self.rid == 0:
                 alive = self._roll_call(g)
+                if self.secret is not None:  # each survivor proves the group secret again
+                    alive = self.authenticate(g, alive, self.timeout_s)
                 self.store.set(f"roll{g}/members", ",".join(map(str, alive)).encode())
+            elif self.secret is not None:
+                alive = self.prove(g, self.timeout_s + 2 * STALE_SECONDS + self.timeout_s)
             else:
                 self.store.wait([f"roll{g}/members"], datetime.timedelta(seconds=self.timeout_s + 2 * STALE_SECONDS))
                 alive = [int(x) for x in self.store.get(f"roll{g}/members").decode().split(",")]
+        except GroupAuthError as e:
+            raise GroupError(str(e)) from e
         except (RuntimeError, OSError) as e:  # (the store is rank 0's: the leader is gone)
             raise GroupError(f"the aggregation group could not re-form (the leader is gone?): {e}") from e
         gone = [m for m in self.members if m not in alive]
         if self.rid not in alive:
             raise GroupError(f"rank {self.rid} answered the roll call too late and is not in the re-formed group")
         self.members, self.generation = alive, g
-        group.group = self.form().group
+        group.adopt(self.form())
         return gone
 
 
@@ -246,20 +388,46 @@ def _gloo_on(address: str) -> None:
 
 
 def form(spec: GroupSpec, device: torch.device, timeout_s: float,
-         keys: Optional[SessionKeys] = None) -> tuple[AggregationGroup, SessionKeys, Roster]:
-    """Join the group (generation 0 on the run's store) and share the run's session key
-    (rank 0's ``keys``)."""
+         keys: Optional[SessionKeys] = None, encrypt: bool = False) -> tuple[AggregationGroup, SessionKeys, Roster]:
+    """Join the group (generation 0 on the run's store): every rank proves the run's
+    group secret to the leader (``Roster.authenticate``), then rank 0's session key
+    (``keys``) is shared, sealed. ``encrypt``: seal every later collective too
+    (:func:`rank_encryption`). :class:`GroupError` when this rank cannot join."""
+    secret = group_secret(spec)
     if spec.advertise_host and device.type == "cpu":
         _gloo_on(spec.advertise_host)
     store = open_store(spec.rendezvous, spec.rank == 0, timeout_s)
-    roster = Roster(store, spec.rank, spec.world, device, timeout_s)
+    roster = Roster(store, spec.rank, spec.world, device, timeout_s, secret, encrypt)
+    try:
+        if spec.rank == 0:
+            roster.challenge_for(0)
+        members = roster.authenticate(0, list(range(spec.world)), timeout_s)
+    except GroupAuthError as e:
+        roster.stop()
+        raise GroupError(str(e)) from e
+    except (RuntimeError, OSError) as e:  # (a store wait timed out, or the leader's store is gone)
+        roster.stop()
+        raise GroupError(f"rank {spec.rank}: could not join the aggregation group at {spec.rendezvous}: {e}") from e
+    if members != list(range(spec.world)):
+        roster.stop()
+        missing = sorted(set(range(spec.world)) - set(members))
+        raise GroupError(f"aggregation rank(s) {missing} did not prove the run's group secret within {timeout_s:.0f} s "
+                         f"(refused: {len(roster.refused)} proof(s)); start every rank with the run's group key "
+                         f"(${GROUP_KEY_ENV} / --group-key-file)")
     group = roster.form()
     key = torch.zeros(KEY_BYTES, dtype=torch.uint8)
     if spec.rank == 0:
         keys = keys or SessionKeys()
         key[:] = torch.frombuffer(bytearray(keys.key), dtype=torch.uint8)
-    group.broadcast_(key.to(device))
+    group.broadcast_(key.to(device), sealed=True)  # (never in the clear: AES-GCM under the group secret)
+    if spec.rank == 0:
+        log.info("aggregation group of %d ranks formed: every rank proved the group secret; collectives %s",
+                 spec.world, "sealed (AES-GCM)" if group.sealing else "not sealed (security.rank_encryption off)")
     return group, (keys if spec.rank == 0 else SessionKeys(bytes(key.cpu().tolist()))), roster
+
+
+def hmac_ok(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
 
 
 def exchange_addresses(group: AggregationGroup, mine: str, device: torch.device) -> list[str]:
@@ -677,7 +845,7 @@ def lead(scenario, spec: GroupSpec, make_coordinator, serve_coordinator):
     (``serve_coordinator(coord) -> (server, port)``), learn every rank's ingest address
     and attach the :class:`Leader`. Returns ``(coord, server, port)``."""
     device = pick_device(scenario.aggregation.device)
-    group, keys, roster = form(spec, device, scenario.aggregation.timeout_seconds)
+    group, keys, roster = form(spec, device, scenario.aggregation.timeout_seconds, encrypt=rank_encryption(scenario))
     coord = make_coordinator(keys=keys, group=group)
     path = pick_gather(group, scenario, spec.mpi_comm, coord.layout.d, device)
     server, port = serve_coordinator(coord)
@@ -701,15 +869,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def start_local_ranks(scenario_path: Path, run_dir: Path, world: int, spawn) -> GroupSpec:
     """Ranks 1 .. world-1 of a group on this machine, as child processes
-    (``python -m orchestrator rank``; ``spawn(name, argv, log_path)`` starts and tracks
+    (``python -m orchestrator rank``; ``spawn(name, argv, log_path, env)`` starts and tracks
     one by PID; logs and PIDs under ``run_dir/ranks/``); rank 0's :class:`GroupSpec`."""
     import sys
     rendezvous = f"tcp://127.0.0.1:{free_port()}"
     (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    key = new_group_key()  # the run's group secret: in the ranks' environment, never argv or logs
     for r in range(1, world):
         proc = spawn(f"rank-{r}", [sys.executable, "-m", "orchestrator", "rank", "--rank", str(r), "--world",
                                    str(world), "--rendezvous", rendezvous, "--run-dir", str(run_dir),
                                    str(scenario_path)],
-                     run_dir / "ranks" / f"rank-{r}.log")
+                     run_dir / "ranks" / f"rank-{r}.log", {GROUP_KEY_ENV: key.hex()})
         (run_dir / "ranks" / f"rank-{r}.pid").write_text(f"{proc.pid}\n")
-    return GroupSpec(0, world, rendezvous)
+    return GroupSpec(0, world, rendezvous, group_key=key)

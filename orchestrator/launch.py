@@ -149,6 +149,8 @@ class NodeLaunch:
                          {n: secrets.token_hex(16) for n, r in self.roles.items()
                           if r.rejoin_at_round > 0 or restartable(r)})
         self._certs = bundle(scenario, run_dir)  # [security]: the run's certificate folder, None without TLS
+        from fednode.strategies import lookup
+        self._stateful = lookup(scenario.training.algorithm)[1].stateful  # FedDyn, FedSpeed: --state-dir
 
     def describe(self, name: str, key: Optional[str] = None) -> NodeProcess:
         role = self.roles[name]
@@ -157,6 +159,8 @@ class NodeLaunch:
             env["BYZFED_NODE_SECRET"] = self._secrets[name]
         argv = node_argv(self.address, name, role, self.s, self.extra(name, role),
                          node_tls(self.s, self._certs, name), env) + self._options
+        if self._stateful:  # per-node algorithm state on the node's disk: it survives a kill and resume
+            argv += ["--state-dir", str(self.run_dir / "nodes" / name)]
         return NodeProcess(name, key or name, tuple(argv), env, self.run_dir / "nodes" / f"{name}.log",
                            role.restart_after_seconds)
 
@@ -168,6 +172,8 @@ class NodeLaunch:
         late: list[tuple[str, float, str, str]] = []
         waits: dict[int, set[str]] = {}
         for name, role in self.roles.items():
+            if role.load:  # load sessions join from a load generator (bench/sessions.py)
+                continue
             if role.join_at_round > 0:
                 late.append(("round", role.join_at_round, name, name))
                 waits.setdefault(role.join_at_round, set()).add(name)

@@ -17,6 +17,14 @@ no name can be squatted or taken over with the federation token alone.
 Session tokens carry their epoch (``identity.SessionKeys``): :meth:`Membership.heartbeat`
 hands a node a fresh token when the epoch has turned, an expired one is refused
 (``unauthenticated``, "session token expired") and the node re-joins with its secret.
+
+Revocation (``revocation.py``; :attr:`Membership.revoked`, set by ``servicer.serve``): a
+revoked name's join is refused (``permission_denied`` "node 'x' is revoked", whatever its
+secret), its session is refused at its next authenticated call (which evicts it), and
+:meth:`Membership.expire` evicts every live revoked member, so the next selection never
+picks it. Such an eviction is the event ``("evict", id)`` followed by ``("revoked", id)``;
+:attr:`Membership.evict_reasons` keeps each evicted node's last reason ("lease",
+"revoked", "rank-left").
 """
 from __future__ import annotations
 
@@ -93,6 +101,41 @@ class Membership:
         self.events: list[tuple[str, str]] = []  # (event, node_id) since last drain
         self.name_conflicts: dict[str, int] = {}  # name -> joins refused because another node holds the name
         self._conflict_logged: dict[str, float] = {}
+        self.revoked: Optional[Callable[[str], bool]] = None
+        """Whether a node name is revoked (``revocation.Revocations.name_revoked``; None: none is)."""
+        self.evict_reasons: dict[str, str] = {}
+        """node id -> why it was last evicted: "lease", "revoked" or "rank-left"."""
+
+    def _revoked_names(self):
+        """The revoked names now, read once (``revoked`` a ``Revocations.name_revoked``), or None
+        when ``revoked`` is another callable (then asked name by name)."""
+        owner = getattr(self.revoked, "__self__", None)
+        current = getattr(owner, "current", None)
+        if current is None:
+            return None
+        return frozenset(current().names)
+
+    def _is_revoked(self, name: str) -> bool:
+        return self.revoked is not None and self.revoked(name)
+
+    def _refuse_revoked(self, member: Member) -> None:
+        """Evict ``member`` (reason "revoked") if it is alive, and refuse its call."""
+        from .revocation import Revoked, name_message
+        with self._lock:
+            self._evict_locked(member, "revoked")
+        raise Revoked(name_message(member.name))
+
+    def _evict_locked(self, m: Member, reason: str) -> bool:
+        if not m.alive:
+            return False
+        m.alive = False
+        self.events.append(("evict", m.node_id))
+        if reason == "revoked":
+            self.events.append(("revoked", m.node_id))
+        self.evict_reasons[m.node_id] = reason
+        if reason == "revoked":
+            log.warning("node %s (%s) is revoked: evicted", _echo(m.name), m.node_id)
+        return True
 
     def check_token(self, federation_token: str) -> None:
         """Refuse a wrong federation token (``unauthenticated``), whatever else the join says."""
@@ -104,6 +147,9 @@ class Membership:
         self.check_token(federation_token)
         if not name or len(name) > 128 or not secret:
             raise Refusal("invalid", "node name (1-128 chars) and node secret are required")
+        if self._is_revoked(name):  # (whatever its secret: a revoked enrolment secret stops working)
+            from .revocation import Revoked, name_message
+            raise Revoked(name_message(name))
         if self.enrolment is not None:
             self.enrolment.check(name, secret)  # (before the name is looked at: squatting is refused too)
         with self._lock:
@@ -153,6 +199,9 @@ class Membership:
             member = self._by_id.get(node_id)
             if member is None:
                 raise Refusal("unauthenticated", "session token does not belong to this node id")
+        if self._is_revoked(member.name):  # (its session tokens stop working)
+            self._refuse_revoked(member)
+        with self._lock:
             if require_alive and not member.alive:
                 raise Refusal("not_found", f"node {node_id} is not a member (left or lease expired); join again")
             return member
@@ -174,12 +223,18 @@ class Membership:
                 self.events.append(("leave", node_id))
 
     def expire(self) -> list[Member]:
+        """Evict the live members whose lease ran out (reason "lease") or whose name is
+        revoked (reason "revoked"); the evicted."""
         now = self._clock()
         with self._lock:
-            gone = [m for m in self._by_id.values() if m.alive and m.lease_expiry < now]
+            live = [m for m in self._by_id.values() if m.alive]
+        names = self._revoked_names()  # (outside the lock: may read the file; once per call, not per member)
+        revoked = {m.node_id for m in live if (m.name in names if names is not None else self._is_revoked(m.name))} \
+            if self.revoked is not None and names != frozenset() else set()
+        with self._lock:
+            gone = [m for m in live if m.alive and (m.node_id in revoked or m.lease_expiry < now)]
             for m in gone:
-                m.alive = False
-                self.events.append(("evict", m.node_id))
+                self._evict_locked(m, "revoked" if m.node_id in revoked else "lease")
             return gone
 
     def force_rejoin(self, node_ids: list[str]) -> None:
@@ -188,9 +243,8 @@ class Membership:
         with self._lock:
             for n in node_ids:
                 m = self._by_id.get(n)
-                if m is not None and m.alive:
-                    m.alive = False
-                    self.events.append(("evict", n))
+                if m is not None:
+                    self._evict_locked(m, "rank-left")
 
     def alive(self) -> list[Member]:
         with self._lock:

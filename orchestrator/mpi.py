@@ -17,7 +17,10 @@ words, JSON as uint8 bytes), never pickle:
 1. all ranks: each rank's host name and IPv4 addresses (``Allgatherv``);
 2. rank 0 to all (``Bcast``): run folder, token, the orchestrator's gRPC address (bound on
    0.0.0.0 and advertised at rank 0's address on MPI's network when the ranks span hosts,
-   127.0.0.1 on one host), the ``tcp://HOST:PORT`` rendezvous of the aggregation group;
+   127.0.0.1 on one host), the ``tcp://HOST:PORT`` rendezvous of the aggregation group,
+   and where the aggregation ranks read its group secret (a path, never the secret: the
+   launcher's ``BYZFED_GROUP_KEY`` passed by ``mpirun -x``, else ``RUN_DIR/group.key``,
+   0600, made by rank 0; ``orchestrator/ranksec.py``);
 3. rank 0 to each node host, once the orchestrator listens: ``BEGIN`` (the address nodes
    dial and what each Byzantine node is given: collusion service, adversary view), or an
    abort when the orchestrator could not start;
@@ -407,8 +410,40 @@ def _group_advertise(common: dict, advertise: str) -> str:
     return "" if len(set(common["hosts"])) == 1 else advertise
 
 
+def _group_key_file(run_dir: Path) -> str:
+    """Rank 0: where the other aggregation ranks find the group secret. '' when the
+    launcher's environment gives every rank one (``BYZFED_GROUP_KEY`` or
+    ``BYZFED_GROUP_KEY_FILE``, passed by ``mpirun -x``); else a fresh one in
+    ``RUN_DIR/group.key`` (0600), for ranks on this machine or a shared run folder."""
+    from .ranksec import GROUP_KEY_ENV, GROUP_KEY_FILE_ENV, new_group_key, write_group_key_file
+
+    if os.environ.get(GROUP_KEY_ENV) or os.environ.get(GROUP_KEY_FILE_ENV):
+        return ""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return str(write_group_key_file(run_dir / "group.key", new_group_key()))
+
+
+def _group_key(common: dict, aggregation: bool) -> tuple[bytes, str]:
+    """This rank's group secret (aggregation ranks; b'' for node hosts) and what went
+    wrong reading it ('' when nothing)."""
+    from .ranksec import GROUP_KEY_ENV, GroupKeyError, group_key_from
+
+    if not aggregation:
+        return b"", ""
+    try:
+        key = group_key_from(common["group_key_file"] or None)
+    except GroupKeyError as e:
+        return b"", (f"{e} (aggregation ranks on machines without the run folder: export {GROUP_KEY_ENV}=<64 hex "
+                     f"digits> and pass mpirun -x {GROUP_KEY_ENV})")
+    if not key:
+        return b"", (f"no group key for the aggregation ranks: rank 0's environment has {GROUP_KEY_ENV} (or "
+                     f"{GROUP_KEY_ENV}_FILE) but this rank's has neither; pass mpirun -x {GROUP_KEY_ENV} "
+                     f"(or -x {GROUP_KEY_ENV}_FILE)")
+    return key, ""
+
+
 def lead(comm, world: World, scenario: Scenario, common: dict, advertise: str, node_hosts: list[int],
-         console_file, agg=None) -> int:
+         console_file, agg=None, group_key: bytes = b"") -> int:
     """Rank 0: the orchestrator, its nodes started by ``node_hosts``."""
     from rich.console import Console
 
@@ -419,7 +454,8 @@ def lead(comm, world: World, scenario: Scenario, common: dict, advertise: str, n
     group = None
     if scenario.aggregation.ranks > 1:
         group = _group_module().GroupSpec(rank=0, world=scenario.aggregation.ranks, rendezvous=common["rendezvous"],
-                                          advertise_host=_group_advertise(common, advertise), mpi_comm=agg)
+                                          advertise_host=_group_advertise(common, advertise), mpi_comm=agg,
+                                          group_key=group_key)
     console.print(f"byzfed mpi: {world.size} ranks on {len(set(common['hosts']))} host(s); orchestrator "
                   f"{common['orchestrator']}; node hosts {node_hosts}"
                   + (f"; aggregation group {common['rendezvous']}" if group else ""))
@@ -496,8 +532,17 @@ def main(scenario_path: str, overrides: list[str], out: Optional[str] = None, ru
                   "token": token or os.environ.get("BYZFED_TOKEN") or secrets.token_hex(16),
                   "orchestrator": host_port(dial, fed.port), "rendezvous": rendezvous, "ranks": W,
                   "hosts": [r["host"] for r in ranks]}
+        common["group_key_file"] = _group_key_file(Path(common["run_dir"])) if W > 1 else ""
     common = bcast_json(comm, common)
     log_file = _rank_log(Path(common["run_dir"]), world.rank)
+    group_key = b""
+    if W > 1:  # every rank: the aggregation ranks' group secret, never over MPI (ranksec)
+        group_key, problem = _group_key(common, world.rank < W)
+        problems = [p for p in allgather_json(comm, problem) if p]
+        if problems:
+            print(f"byzfed mpi rank {world.rank}: {problems[0]}", file=sys.stderr)
+            return 2
+    os.environ.pop("BYZFED_GROUP_KEY", None)  # (nothing a rank starts inherits it)
     role = role_of(world.rank, W)
     # the aggregation ranks' own communicator (the MPI gather path, aggregation.gather); collective over all ranks
     agg = comm.Split(0 if world.rank < W else MPI.UNDEFINED, world.rank)
@@ -505,11 +550,11 @@ def main(scenario_path: str, overrides: list[str], out: Optional[str] = None, ru
              world.local_rank, os.getpid(), role, advertise)
     if role == "orchestrator":
         _place_gpu(scenario, world)
-        return lead(comm, world, scenario, common, advertise, list(range(W, world.size)), log_file, agg)
+        return lead(comm, world, scenario, common, advertise, list(range(W, world.size)), log_file, agg, group_key)
     if role == "aggregation":
         _place_gpu(scenario, world)
         return int(_follower()(scenario, Path(common["run_dir"]), world.rank, W, common["rendezvous"],
-                                          _group_advertise(common, advertise), mpi_comm=agg))
+                                          _group_advertise(common, advertise), mpi_comm=agg, group_key=group_key))
     try:
         return host_nodes(comm, world, scenario, common, world.rank - W, world.size - W)
     except Exception:  # noqa: BLE001

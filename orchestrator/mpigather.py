@@ -15,6 +15,10 @@ the same ``gather_rows`` contract on an mpi4py communicator:
    bytes, so counts and displacements are row counts (no 2^31-element limit on
    the matrix) and any dtype travels as it is.
 
+With a ``sealer`` (the group seals its collectives: ``security.rank_encryption`` or
+TLS) each rank's rows cross as one AES-GCM frame instead (``ranksec``), byte counts
+then (under 2^31 bytes in all).
+
 Uneven counts need no padding (a rank with zero rows sends nothing). With no
 communicator (``comm=None``, one rank) ``gather_rows`` returns the rows
 themselves, as the gloo group does without a process group.
@@ -47,9 +51,12 @@ def _bytes_view(t: torch.Tensor) -> np.ndarray:
 class MpiGather:
     """``gather_rows`` over an mpi4py communicator (CPU tensors only)."""
 
-    def __init__(self, comm: Optional[Any]) -> None:
+    def __init__(self, comm: Optional[Any], sealer: Optional[Any] = None) -> None:
         self.comm = comm
         self._row_types: dict[int, Any] = {}
+        self.sealer = sealer
+        """A :class:`~orchestrator.ranksec.Sealer` (the group's, when it seals its
+        collectives): each rank's rows then cross as one AES-GCM frame (:meth:`_sealed`)."""
 
     @property
     def world_size(self) -> int:
@@ -91,12 +98,48 @@ class MpiGather:
             raise ValueError(f"out must be a contiguous CPU {rows.dtype} tensor of shape {(sum(sizes), d)}, "
                              f"got {out.dtype} {tuple(out.shape)} on {out.device}")
         row_bytes = d * size
+        if self.sealer is not None:
+            return self._sealed(rows, out, sizes, row_bytes, header), sizes
         if row_bytes == 0 or out.shape[0] == 0:
             return out, sizes
         row = self._row_type(row_bytes)
         displs = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64).tolist()
         self.comm.Allgatherv([_bytes_view(rows), n_r, row], [_bytes_view(out), (sizes, displs), row])
         return out, sizes
+
+    def _sealed(self, rows: torch.Tensor, out: torch.Tensor, sizes: list[int], row_bytes: int,
+                header: np.ndarray) -> torch.Tensor:
+        """The sealed gather: each rank's rows as one frame (``ranksec``; its associated
+        data binds the generation, this op and the sender, the header's shape with the
+        payload's size), ``Allgatherv``-ed as bytes, every other rank's frame opened into
+        its rows of ``out``. The header travelled in the clear; a frame whose size it
+        misstates does not open."""
+        from .ranksec import sealed_size
+
+        s = self.sealer
+        op = s.next_op()
+        me, w = self.comm.Get_rank(), self.comm.Get_size()
+        frame_sizes = [sealed_size(n * row_bytes) for n in sizes]
+        if sum(frame_sizes) >= 1 << 31:
+            raise ValueError(f"a sealed MPI gather of {sum(frame_sizes)} bytes is over MPI's 2^31-byte count limit; "
+                             "gather through gloo (aggregation.gather = 'gloo')")
+        mine = s.seal(_bytes_view(rows), op, b"M")
+        frames = np.empty(sum(frame_sizes), dtype=np.uint8)
+        displs = np.concatenate([[0], np.cumsum(frame_sizes[:-1])]).astype(np.int64).tolist()
+        from mpi4py import MPI
+
+        self.comm.Allgatherv([mine, MPI.BYTE], [frames, (frame_sizes, displs), MPI.BYTE])
+        into = _bytes_view(out)
+        at = 0
+        for r in range(w):
+            nb = sizes[r] * row_bytes
+            part = into[at:at + nb]
+            if r == me:
+                part[:] = _bytes_view(rows)
+            else:
+                s.open(frames[displs[r]:displs[r] + frame_sizes[r]], r, op, b"M", nb, out=part)
+            at += nb
+        return out
 
     def _row_type(self, row_bytes: int) -> Any:
         """A committed MPI datatype of ``row_bytes`` contiguous bytes (cached)."""

@@ -147,6 +147,10 @@ class RoleSection:
     """Straggler: the node takes slowdown x its training time before uploading."""
     train_delay_s: float = 0.0
     """Straggler: a fixed extra delay before uploading."""
+    load: bool = False
+    """Load sessions only (``bench/sessions.py``): the launcher does not start these nodes and
+    rounds never select them; they join from elsewhere, heartbeat and long-poll for tasks, and
+    hold no data shard (the shards split among the other roles)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +193,14 @@ class SecuritySection:
     enrolment secret as its node secret, so the federation token alone takes no name."""
     enrol_dir: str = ""
     """Folder of ``./launch.sh enrol`` (enrol.key, <name>.secret). '': RUN_DIR/enrol."""
+    rank_encryption: bool = False
+    """Seal every collective between aggregation ranks (AES-GCM, ``orchestrator/ranksec.py``)
+    even without TLS; with ``tls``/``mtls`` they are always sealed. Ranks always authenticate
+    each other and the run's key always crosses sealed, whatever this says."""
+    revoked: str = ""
+    """Revocation list (``orchestrator/revocation.py``, ``./launch.sh revoke``): node names and
+    client certificates (serial or SHA-256 fingerprint) refused while the run goes on; watched
+    by mtime, re-read at most every second. '': RUN_DIR/revoked.txt."""
 
     @property
     def enabled(self) -> bool:
@@ -221,6 +233,15 @@ class Scenario:
     @property
     def num_nodes(self) -> int:
         return sum(r.count for r in self.roles)
+
+    @property
+    def num_trainers(self) -> int:
+        """The nodes rounds can select: every role but load sessions (``RoleSection.load``)."""
+        return sum(r.count for r in self.roles if not r.load)
+
+    def trainer_roles(self) -> list[tuple[str, RoleSection]]:
+        """:meth:`node_roles` without load sessions: the nodes that hold data shards, in shard order."""
+        return [(n, r) for n, r in self.node_roles() if not r.load]
 
     def node_roles(self) -> list[tuple[str, RoleSection]]:
         """``(node_name, role)`` for every node, in shard order."""
@@ -365,6 +386,10 @@ def _validate(s: Scenario) -> None:
     need(s.security.token_epoch(fed.lease_seconds) >= fed.lease_seconds / 2, "security.token_seconds",
          f"= {s.security.token_seconds:g} must be >= federation.lease_seconds / 2 = {fed.lease_seconds / 2:g} s: "
          "nodes heartbeat every lease_seconds / 3 and must pick up each rotated token before the old one expires")
+    need(s.security.revoked == s.security.revoked.strip() and "\x00" not in s.security.revoked
+         and not s.security.revoked.endswith("/"), "security.revoked",
+         f"= {_echo(s.security.revoked)} must be a file path (no leading or trailing spaces, no trailing '/'), "
+         "or '' for RUN_DIR/revoked.txt")
     need(not s.security.enrol_dir or s.security.enrol, "security.enrol_dir",
          f"= {s.security.enrol_dir!r} is set but security.enrol is off; set security.enrol = true, or leave it ''")
     if s.security.mtls or s.security.enrol:  # certificate and secret files are named after each node
@@ -376,6 +401,7 @@ def _validate(s: Scenario) -> None:
                 need(False, f"roles[{i}].name", f"= {_echo(r.name)}: with security.mtls or enrol node names name "
                      "certificate and secret files; use letters, digits, '.', '_' or '-', not starting with '.' or '-'")
     need(len(s.roles) >= 1 and s.num_nodes >= 1, "roles", "must describe at least one node")
+    need(s.num_trainers >= 1, "roles", "must describe at least one node that is not a load session (load = false)")
     seen = set()
     for i, r in enumerate(s.roles):
         need(r.count >= 0, f"roles[{i}].count", "must be >= 0")
@@ -383,6 +409,10 @@ def _validate(s: Scenario) -> None:
         seen.add(r.name)
         need(0 <= r.dropout <= 1, f"roles[{i}].dropout", "must be in [0, 1]")
         need(not r.attack or r.byzantine, f"roles[{i}].attack", "needs byzantine = true")
+        if r.load:
+            need(not r.byzantine, f"roles[{i}].load", "load sessions are not Byzantine nodes (set byzantine = false)")
+            need(s.federation.mode == "sync", f"roles[{i}].load",
+                 f"load sessions need federation.mode = 'sync' (got {s.federation.mode!r}): async tasks go to any idle node")
         need(r.join_after_seconds >= 0, f"roles[{i}].join_after_seconds", "must be >= 0")
         need(r.rejoin_at_round < 0 or r.rejoin_at_round > r.leave_at_round >= 0, f"roles[{i}].rejoin_at_round",
              "needs leave_at_round >= 0 and must be > leave_at_round")

@@ -43,8 +43,10 @@ from proto.tls import ServerTls, add_port
 from .addresses import advertised_address, host_port
 from .coordinator import Coordinator
 from .errors import Refusal
+from .longpoll import RECHECK_SECONDS, Waker
 from .enrolment import NOT_ENROLLED, NotEnrolled
 from .membership import NAME_TAKEN, NameTaken
+from .revocation import REVOKED, Revocations, Revoked, cert_message, name_message
 
 log = logging.getLogger("orchestrator.servicer")
 
@@ -432,43 +434,7 @@ def _limit_arenas(n: int = 2) -> None:
         libc.mallopt(M_ARENA_MAX, n)
 
 
-class Waker:
-    """Wakes the long-polls when the ledger may have a task for someone: every
-    ``period`` it compares a cheap signature of the ledger (the open round, the async
-    version, step and buffer) with the last one. Waiters also re-check on their own at
-    least every 0.25 s, so a change the signature misses costs latency, never a task."""
-
-    def __init__(self, coord: Coordinator, period: float) -> None:
-        self.coord = coord
-        self.period = period
-        self._event = asyncio.Event()
-
-    def _signature(self) -> tuple:
-        k = self.coord.keeper
-        cur = getattr(k, "current", None)
-        return (id(cur), getattr(cur, "closed", None), len(getattr(cur, "in_flight", ()) or ()),
-                getattr(k, "version", None), getattr(k, "step", None), id(getattr(k, "buffer", None)),
-                len(getattr(k, "buffer", ()) or ()), len(getattr(k, "in_flight", ()) or ()),
-                getattr(k, "closed", None), self.coord.shutdown.is_set())
-
-    async def run(self) -> None:
-        last = None
-        while True:
-            try:
-                sig = self._signature()
-            except Exception:  # a ledger being swapped (use_layout) or torn down: look again next time
-                sig = None
-            if sig != last:
-                last = sig
-                ev, self._event = self._event, asyncio.Event()
-                ev.set()
-            await asyncio.sleep(self.period)
-
-    async def wait(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
-        except asyncio.TimeoutError:
-            pass
+# Waker: see longpoll.py (a poll that can only get a task next round sleeps until then)
 
 
 # --------------------------------------------------------------------------- the service
@@ -490,6 +456,22 @@ class FederationServicer:
         """Bytes of refused requests since the heap was last trimmed (:class:`Trimmer`)."""
         self.certificate_names = False
         """Mutual TLS: the node name of a ``Join`` must be its client certificate's CN."""
+        self.revocations: Optional[Revocations] = None
+        """The run's revocation list (``revocation.py``; set by :func:`serve`; None: nothing revoked)."""
+
+    def _check_revoked(self, context, name: Optional[str] = None) -> None:
+        """Refuse (:class:`Revoked`) a call on a connection whose client certificate is revoked
+        (mutual TLS), or of a revoked node ``name``. Cheap: the list is looked at at most
+        every second (``Revocations``), a certificate's id is computed once."""
+        rev = self.revocations
+        if rev is None:
+            return
+        if self.certificate_names:
+            cid = rev.cert_revoked(_certificate_pem(context))
+            if cid is not None:
+                raise Revoked(cert_message(cid))
+        if name is not None and rev.name_revoked(name):
+            raise Revoked(name_message(name))
 
     # ----- plumbing -----------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -514,6 +496,8 @@ class FederationServicer:
             context.set_trailing_metadata((("byzfed-refusal", NAME_TAKEN),))
         elif isinstance(e, NotEnrolled):
             context.set_trailing_metadata((("byzfed-refusal", NOT_ENROLLED),))
+        elif isinstance(e, Revoked):
+            context.set_trailing_metadata((("byzfed-refusal", REVOKED),))
         if isinstance(e, Refusal):
             context.set_code(STATUS[e.reason])
             context.set_details(e.message)
@@ -542,6 +526,7 @@ class FederationServicer:
     # ----- unary calls ------------------------------------------------------------------
     async def Join(self, raw: bytes, context) -> pb.JoinReply:
         try:
+            self._check_revoked(context)  # (a revoked certificate, whatever name the join claims)
             return self._join(raw, _certificate_name(context) if self.certificate_names else None)
         except (Refusal, EdgeRefusal) as e:
             self.refused_bytes += len(raw)
@@ -584,6 +569,7 @@ class FederationServicer:
 
     async def Heartbeat(self, raw: bytes, context) -> pb.HeartbeatReply:
         try:
+            self._check_revoked(context)
             return self._heartbeat(raw)
         except (Refusal, EdgeRefusal) as e:
             self.refused_bytes += len(raw)
@@ -634,10 +620,12 @@ class FederationServicer:
             req = parse(pb.GetTaskRequest, raw, self.limits.max_request_bytes, "max_request_bytes")
             check_session(req.session, self.limits)
             wait = check_wait(req.wait_seconds, self.limits)
+            self._check_revoked(context)  # (the connection's certificate first, as at Join)
             m = c.membership.authenticate(req.session.node_id, req.session.session_token)
+            self._check_revoked(context, m.name)  # (every rank: the leader's membership checks names too)
             ticket = self.admission.enter(m.node_id, "task")
             self._on_termination(context, ticket)
-            await self._serve_task(context, m.node_id, wait)
+            await self._serve_task(context, m.node_id, wait, m.name)
         except (Refusal, EdgeRefusal) as e:
             self.refused_bytes += len(raw)
             await self._refuse_later(context, e)
@@ -650,16 +638,20 @@ class FederationServicer:
             if ticket is not None:
                 self.admission.leave(ticket)
 
-    async def _serve_task(self, context, node_id: str, wait: float) -> None:
+    async def _serve_task(self, context, node_id: str, wait: float, name: Optional[str] = None) -> None:
         c = self.coord
         deadline = time.monotonic() + wait
         rnd = None
         while not c.shutdown.is_set():
+            seen = self.waker.seen()  # (before looking: a change meanwhile ends the wait at once)
             rnd = c.keeper.wait_task(node_id, 0.0)  # never blocks
             left = deadline - time.monotonic()
             if rnd is not None or left <= 0:
                 break
-            await self.waker.wait(min(0.25, left))
+            if self.waker.only_next_round(node_id):
+                await self.waker.wait(left, seen, rounds_only=True)
+            else:
+                await self.waker.wait(min(RECHECK_SECONDS, left), seen)
         if c.shutdown.is_set():
             await self._write(context, pb.TaskChunk(header=pb.TaskHeader(kind=pb.TaskHeader.SHUTDOWN)), "the task")
             return
@@ -667,6 +659,7 @@ class FederationServicer:
             await self._write(context, pb.TaskChunk(header=pb.TaskHeader(kind=pb.TaskHeader.WAIT, round=c.round_id)),
                               "the task")
             return
+        self._check_revoked(context, name)  # (revoked while this poll waited: no task)
         # async tickets carry the weights of their version (the model may move on meanwhile)
         payload = getattr(rnd, "payload", b"") or await self._run(c.weights_payload, rnd.model_version)
         buf = memoryview(payload)
@@ -724,7 +717,9 @@ class FederationServicer:
                     raise Refusal("invalid", "an upload must start with an UpdateHeader")
                 h = first.header
                 check_update_header(h, lim)
+                self._check_revoked(context)  # (the connection's certificate first, as at Join)
                 member = c.membership.authenticate(h.session.node_id, h.session.session_token)
+                self._check_revoked(context, member.name)
                 if h.layout_hash != c.layout_hash:
                     raise Refusal("invalid", f"layout hash {echo(h.layout_hash)} does not match the model's "
                                              f"{c.layout_hash!r}")
@@ -736,7 +731,7 @@ class FederationServicer:
                 self.refused_bytes += len(raw) if isinstance(raw, bytes) else 0
                 raise
             session = c.ingest.session(receipt, h.tensor, h.num_samples)
-            upload = await self._receive(context, session)
+            upload = await self._receive(context, session, member.name)
         except (Refusal, EdgeRefusal) as e:
             await self._refuse_later(context, e)
             return None
@@ -750,8 +745,9 @@ class FederationServicer:
         return pb.PushUpdateReply(accepted=True, round=receipt.ticket.round_id, bytes_received=upload.num_bytes,
                                   message="stored")
 
-    async def _receive(self, context, session):
-        """Feed the stream's chunks to ``session`` as they arrive; finish it (off the loop)."""
+    async def _receive(self, context, session, name: Optional[str] = None):
+        """Feed the stream's chunks to ``session`` as they arrive; finish it (off the loop),
+        unless ``name`` was revoked meanwhile (an upload not yet accepted is refused)."""
         idle = self.limits.idle_seconds
         while True:
             try:
@@ -774,6 +770,11 @@ class FederationServicer:
         if session.short and await _client_gone(context):
             session.abort("broken_stream")
             raise Refusal("broken_stream", "the upload stream broke off")
+        try:
+            self._check_revoked(context, name)
+        except Revoked:
+            session.abort("permission_denied")
+            raise
         # the whole stream arrived: the checks run to their end even if the client goes away now
         session.finishing = True
         return await asyncio.shield(self._run(session.finish))
@@ -825,6 +826,8 @@ class Server:
         self.limits = limits
         self.tls = tls
         """The port's TLS (``[security]``; None: plaintext)."""
+        self.revocations: Optional[Revocations] = None
+        """The revocation list its calls are checked against (:func:`serve` sets it before ``start``)."""
         # blocking work of the calls (finiteness checks, serialising the weights): a small pool
         self.pool = futures.ThreadPoolExecutor(max_workers=max(1, min(4, max_workers)), thread_name_prefix="grpc-work")
         self.loop = asyncio.new_event_loop()
@@ -872,6 +875,7 @@ class Server:
         server = grpc.aio.server(options=grpc_options(), maximum_concurrent_rpcs=hard_cap)
         # mutual TLS: a node joins only under its client certificate's CN
         self.servicer.certificate_names = self.tls is not None and self.tls.require_client_auth
+        self.servicer.revocations = self.revocations
         server.add_generic_rpc_handlers((self.servicer.handler(),))
         from .adversary import add_adversary_view  # only with [adversary] omniscient = true (simulation only)
         self.coord.adversary_view = add_adversary_view(server, self.coord)
@@ -938,17 +942,37 @@ def serve(coord: Coordinator, host: str, port: int, max_workers: int,
     if tls == "scenario":
         tls = _scenario_tls(coord)
     server = Server(coord, limits or Limits(), max_workers, tls)
+    revocations = server.revocations = _scenario_revocations(coord)
     bound = server.start(host_port(host, port))
+    if revocations is not None and hasattr(coord.membership, "revoked"):  # (the leader's: joins, eviction)
+        coord.membership.revoked = revocations.name_revoked
     if advertise_host is None:
         advertise_host = getattr(getattr(coord.s, "federation", None), "advertise_host", "")
     coord.ingest_address = advertised_address(host, bound, advertise_host or "")
     return server, bound
 
 
+def _certificate_pem(context) -> bytes:
+    """The PEM client certificate of a call's connection (b'' when none)."""
+    pems = context.auth_context().get("x509_pem_cert") or [b""]
+    return pems[0]
+
+
 def _certificate_name(context) -> str:
     """The common name of the client certificate of a call's connection ('' when none)."""
     names = context.auth_context().get("x509_common_name") or [b""]
     return names[0].decode("utf-8", "replace")
+
+
+def _scenario_revocations(coord: Coordinator) -> Optional[Revocations]:
+    """The run's revocation list (``security.revoked`` or RUN_DIR/revoked.txt), read now
+    (a bad line there is an error); None without a scenario and run folder (tools, tests)."""
+    s, run_dir = getattr(coord, "s", None), getattr(coord, "run_dir", None)
+    if s is None or run_dir is None or not hasattr(s, "security"):
+        return None
+    from .revocation import Revocations, path_of
+
+    return Revocations.load(path_of(s, run_dir))
 
 
 def _scenario_tls(coord: Coordinator) -> Optional[ServerTls]:

@@ -30,8 +30,9 @@ from .defenses.base import Shards
 # collective's latency (~0.1 ms on gloo over loopback) buys about this much work.
 MIN_COLUMNS = 1 << 15
 
-# ``all_gather_into_tensor`` under its newer name where torch has it (the old name warns there).
-_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# ``all_gather_into_tensor`` under its newer name where torch has it (the old name warns there);
+# through ``collective.all_gather``, which seals it when the group seals its collectives.
+from .collective import all_gather as _all_gather_into_tensor  # noqa: E402
 
 # Dtypes the backends may lack for collectives: sent as a same-size integer view.
 _VIEW_AS = {torch.bool: torch.uint8}

@@ -16,7 +16,9 @@ small hooks:
 
 Per-node state vectors are flat ``float32 [d]`` tensors in the layout's order,
 zero on buffer entries (BatchNorm statistics are not optimised, so no
-correction applies to them).
+correction applies to them). The state dict holds tensors only, so a node with
+``--state-dir`` can keep it on disk between rounds (``fednode.node_state``:
+``torch.save``, loaded with ``weights_only=True``).
 """
 from __future__ import annotations
 

@@ -9,6 +9,9 @@ is a fixed list of compare-exchange pairs ``(a, b)``, and each pair becomes two
 vectorised ops (``minimum``/``maximum``) over a whole block of columns. Blocks of
 columns sized to stay in cache are processed by a small thread pool (the ops
 release the GIL). The network is pruned to the output positions the caller needs.
+From a few dozen rows on, numpy's AVX-512 sort of each column (the block
+transposed to one row per column, :func:`map_sorted_blocks`) is faster; which
+kernel runs is a fixed table by ``n`` (:func:`kernel`).
 
 On CUDA the blocks are sorted with ``torch.sort`` (fast there); the maths the
 callers do on the sorted rows is the same on both paths.
@@ -90,17 +93,46 @@ def _threads() -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, 16))
 
 
+# Which kernel sorts a block of columns on CPU, by the number of rows n sorted
+# per column: the Batcher network below ``SORT_FROM[kind]`` rows, numpy's sort
+# at and above. Measured once (BENCHMARKS.md, "Coordinate-wise rules at large
+# n": one thread, process CPU time, d = 1M, ``bench/order_kernels.py``).
+# "median": one position or two adjacent ones (the network pruned to them is
+# the cheapest), "pair": two positions apart (the trimmed mean's cut points),
+# "all": more (Bulyan's reductions).
+SORT_FROM = {"median": 64, "pair": 24, "all": 80}
+
+
+def kernel(n: int, need: Optional[tuple[int, ...]]) -> str:
+    """``"network"`` or ``"sort"``: the CPU kernel of :func:`map_sorted_columns`
+    for ``n`` rows and the needed positions (see ``SORT_FROM``)."""
+    pos = None if need is None else sorted(set(need))
+    if pos is not None and not pos:
+        raise ValueError("need: at least one position")
+    kind = "all" if pos is None or len(pos) > 2 else "median" if pos[-1] - pos[0] <= 1 else "pair"
+    return "sort" if n >= SORT_FROM[kind] else "network"
+
+
 def _block(k: int) -> int:
     # ~k * block * 4 bytes of working set: keep the k rows of one block within
     # a core's L2/L3 share while each op stays large enough to hide dispatch.
-    return max(4096, min(32768, (1 << 21) // max(k, 1)))
+    # A multiple of the sort kernel's block (see sorted_block_width).
+    sort = _sort_block(k)
+    return max(4096, min(32768, (1 << 21) // max(k, 1) // sort * sort))
+
+
+def _sort_block(k: int) -> int:
+    # Numpy's sort path: a contiguous copy of the block's k rows, its transpose
+    # and the sorted values (~3 x k x block x 4 bytes) stay in a core's L2.
+    return max(1024, min(16384, 1 << int(math.log2(max(1, (1 << 19) // max(k, 1))))))
 
 
 def sorted_block_width(k: int) -> int:
     """Columns per block of :func:`map_sorted_columns` on ``k`` rows (CPU). Column
     spans split among aggregation ranks on multiples of it give each rank blocks
     of one rank's pass, so reductions inside a block (whose order may depend on
-    the block's width) give one rank's bits."""
+    the block's width) give one rank's bits. (It is the network's block, a
+    multiple of the sort kernel's, so it aligns either kernel's blocks.)"""
     return _block(k)
 
 
@@ -121,18 +153,71 @@ def chunk_width(k: int, device: torch.device) -> int:
     return max(1, (1 << 18) // max(k, 1) // 1024) * 1024
 
 
+SortedFn = Callable[[torch.Tensor, slice, Scratch], None]
+
+
+def map_sorted_blocks(x: torch.Tensor, fn: SortedFn, *, rows: Optional[torch.Tensor] = None,
+                      scale: Optional[torch.Tensor] = None, absolute: bool = False) -> None:
+    """Call ``fn(t, cols, scratch)`` for consecutive column blocks ``cols`` of ``x``
+    (CPU), ``t`` a contiguous ``[width, n]`` tensor whose row ``j`` is column
+    ``cols.start + j`` of ``x[rows] * scale[:, None]`` (``abs`` if ``absolute``)
+    sorted ascending, NaN last.
+
+    The block is copied row by row into a contiguous ``[n, width]`` buffer
+    (scaled there), transposed by torch's blocked transpose (a transpose read
+    straight from ``x``'s strided rows costs 3x as much) and sorted in place by
+    ``ndarray.sort`` along its rows: numpy 2.x sorts short float32 rows with
+    AVX-512 sorting networks held in registers (x86-simd-sort), ~85 ns a row of
+    100 values on the CPUs measured (~45 ns at 20: a fixed cost per row), while
+    the two copies cost ~2 mean passes. Each row's sorted values depend on that column's values only.
+    Blocks run on the worker threads (numpy's sort releases the GIL); the same
+    contract on ``fn`` as :func:`map_sorted_columns`.
+    """
+    n_rows = x.shape[0] if rows is None else int(rows.numel())
+    d = x.shape[1]
+    if d == 0 or n_rows == 0:
+        return
+    width = _sort_block(n_rows)
+    blocks = [(c, min(d, c + width)) for c in range(0, d, width)]
+
+    def run(part: list[tuple[int, int]]) -> None:
+        ws = Scratch(x.dtype, x.device)
+        for c0, c1 in part:
+            w = c1 - c0
+            block = ws("sort.rows", n_rows, w)
+            src = x[:, c0:c1] if rows is None else \
+                torch.index_select(x[:, c0:c1], 0, rows, out=ws("map.rows", n_rows, w))
+            if scale is not None:
+                torch.mul(src, scale[:, None], out=block)
+            else:
+                block.copy_(src)
+            if absolute:
+                block.abs_()
+            t = ws("sort.cols", w, n_rows)
+            t.copy_(block.t())
+            t.numpy().sort(axis=1)
+            fn(t, slice(c0, c1), ws)
+
+    _run_parts(run, blocks)
+
+
 def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tensor] = None,
                        scale: Optional[torch.Tensor] = None, absolute: bool = False,
-                       need: Optional[tuple[int, ...]] = None) -> None:
+                       need: Optional[tuple[int, ...]] = None, use: Optional[str] = None) -> None:
     """Call ``fn(sorted_rows, cols, scratch)`` for consecutive column blocks ``cols`` of ``x``.
 
     The matrix sorted per column is ``x[rows]`` (all rows if ``rows`` is None),
     times ``scale[:, None]`` if given, in absolute value if ``absolute``.
     ``sorted_rows[i]`` is the ``i``-th smallest value of each column of the block
     (a 1-D tensor of the block's width); with ``need``, only those positions are
-    valid. ``fn`` must only write to outputs at ``cols`` (blocks run concurrently)
-    and must not call this function (the worker pool is shared); it takes its
-    block-sized temporaries from ``scratch`` (:class:`Scratch`).
+    valid. A column holding NaN is NaN at every valid position. ``fn`` must only
+    write to outputs at ``cols`` (blocks run concurrently) and must not call this
+    function (the worker pool is shared); it takes its block-sized temporaries
+    from ``scratch`` (:class:`Scratch`).
+
+    On CPU the kernel is a pruned sorting network or numpy's sort of the
+    transposed block (:func:`kernel`; ``use`` forces one, for tests and
+    benchmarks). Both give every position's exact order statistic.
     """
     n_rows = x.shape[0] if rows is None else int(rows.numel())
     d = x.shape[1]
@@ -141,7 +226,11 @@ def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tens
     if x.device.type != "cpu":
         _map_device(x, fn, rows, scale, absolute, n_rows)
         return
-    comps = network(n_rows, tuple(sorted(set(need))) if need is not None else None)
+    need = tuple(sorted(set(need))) if need is not None else None
+    if (_kernel_arg(use) or kernel(n_rows, need)) == "sort":
+        _map_by_sort(x, fn, rows, scale, absolute, n_rows, need)
+        return
+    comps = network(n_rows, need)
     width = _block(n_rows)
     blocks = [(c, min(d, c + width)) for c in range(0, d, width)]
 
@@ -170,6 +259,36 @@ def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tens
             fn(wires[:n_rows], slice(c0, c1), ws)
 
     _run_parts(run, blocks)
+
+
+def _kernel_arg(use: Optional[str]) -> Optional[str]:
+    if use not in (None, "network", "sort"):
+        raise ValueError(f"use = {use!r}: a kernel must be 'network' or 'sort' (or None: the table's pick)")
+    return use
+
+
+def _map_by_sort(x, fn, rows, scale, absolute, n_rows, need) -> None:
+    """:func:`map_sorted_columns` on numpy's sort (:func:`map_sorted_blocks`): the
+    needed positions (all of them without ``need``) copied out as rows."""
+    positions = list(range(n_rows)) if need is None else list(need)
+
+    def each(t: torch.Tensor, cols: slice, ws: Scratch) -> None:
+        w = t.shape[0]
+        out = ws("sort.out", n_rows, w)
+        if need is None:
+            out.copy_(t.t())
+        else:
+            for i in positions:
+                out[i].copy_(t[:, i])
+        # NaN sorts last in numpy; the networks spread it to every output:
+        # columns holding NaN are NaN at every position here too.
+        nan = torch.isnan(t[:, n_rows - 1])
+        if bool(nan.any()):
+            for i in positions:
+                out[i].masked_fill_(nan, float("nan"))
+        fn([out[i] for i in range(n_rows)], cols, ws)
+
+    map_sorted_blocks(x, each, rows=rows, scale=scale, absolute=absolute)
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
@@ -240,7 +359,8 @@ def median_1d(v: torch.Tensor) -> torch.Tensor:
 
 
 def column_median(x: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
-                  scale: Optional[torch.Tensor] = None, absolute: bool = False) -> torch.Tensor:
+                  scale: Optional[torch.Tensor] = None, absolute: bool = False,
+                  use: Optional[str] = None) -> torch.Tensor:
     """Coordinate-wise median of ``x[rows] * scale`` (mean of the two middle values for even n)."""
     k = x.shape[0] if rows is None else int(rows.numel())
     out = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
@@ -253,7 +373,20 @@ def column_median(x: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
             # Halves first: (a + b) / 2 overflows for two values near the float32 maximum.
             torch.mul(r[lo], 0.5, out=out[cols]).add_(r[hi], alpha=0.5)
 
-    map_sorted_columns(x, fn, rows=rows, scale=scale, absolute=absolute, need=(lo, hi))
+    if x.device.type == "cpu" and (_kernel_arg(use) or kernel(k, (lo, hi))) == "sort":
+        def middle(t: torch.Tensor, cols: slice, ws: Scratch) -> None:
+            # Straight from the sorted rows (one per column), NaN columns NaN.
+            if lo == hi:
+                out[cols] = t[:, lo]
+            else:
+                torch.mul(t[:, lo], 0.5, out=out[cols]).add_(t[:, hi], alpha=0.5)
+            nan = torch.isnan(t[:, k - 1])
+            if bool(nan.any()):
+                out[cols].masked_fill_(nan, float("nan"))
+
+        map_sorted_blocks(x, middle, rows=rows, scale=scale, absolute=absolute)
+        return out
+    map_sorted_columns(x, fn, rows=rows, scale=scale, absolute=absolute, need=(lo, hi), use=use)
     return out
 
 

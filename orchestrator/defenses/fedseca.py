@@ -33,8 +33,9 @@ bracket, counted and gathered in the same pass as the sign Gram, then one torch
 
 Cost (BENCHMARKS.md): two passes over the matrix. The first builds the sign
 Gram (int8 products from 48 clients on, exact), the row norms and the quantile
-bracket; the second sorts each column block's clipped magnitudes with the
-sorting network for the median and does clamp, sparsify and the sign-aligned
+bracket; the second sorts each column block's clipped magnitudes for the
+median (a pruned sorting network, or from 64 clients on numpy's sort of the
+transposed block: :func:`._order.kernel`) and does clamp, sparsify and the sign-aligned
 mean in 10 vectorised ops on each ~1 MiB chunk of the block
 (:func:`._order.chunk_width`), in per-thread scratch buffers.
 

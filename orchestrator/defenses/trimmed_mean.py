@@ -4,10 +4,14 @@ Per coordinate, drop the ``k`` largest and ``k`` smallest of the ``n`` values an
 average the rest, with ``k = f`` (the round's Byzantine count) or, when
 ``beta`` is set, ``k = floor(beta * n)``. Requirement: ``n > 2k``.
 
-Computed without sorting every value: with ``lo``/``hi`` the ``(k+1)``-th smallest
-and largest values of a column, the kept values sum to
-``sum_i clamp(x_i, lo, hi) - k (lo + hi)`` (ties included), so only two order
-statistics per column are needed (:mod:`._order`). Among aggregation ranks
+Two kernels (:func:`._order.kernel` picks by ``n``). From a few dozen clients
+on, each column is sorted by numpy's AVX-512 sort of the transposed block
+(:func:`._order.map_sorted_blocks`) and its middle ``n - 2k`` sorted values are
+summed, in sorted order (a column holding NaN gives NaN). For fewer, without
+sorting every value: with ``lo``/``hi`` the ``(k+1)``-th smallest and largest
+values of a column (a pruned sorting network), the kept values sum to
+``sum_i clamp(x_i, lo, hi) - k (lo + hi)`` (ties included). Either way a
+column's result depends on that column's values only. Among aggregation ranks
 each takes a span of columns, all-gathered (bit-for-bit the one-rank result).
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from ._common import Config, need, option, without_rows
 from ._geometry import all_finite, nonfinite_rows
 from ._split import by_columns, shards_of
-from ._order import Scratch, map_sorted_columns, sorted_block_width
+from ._order import Scratch, _kernel_arg, kernel, map_sorted_blocks, map_sorted_columns, sorted_block_width
 from .base import DefenseResult, RoundContext, check_updates
 
 
@@ -33,12 +37,24 @@ class TrimmedMeanConfig(Config):
                                 doc="fraction trimmed from each end; None: f values from each end")
 
 
-def trimmed_mean(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of the middle ``n - 2k`` values of each column of ``x``."""
+def trimmed_mean(x: torch.Tensor, k: int, use: str | None = None) -> torch.Tensor:
+    """Mean of the middle ``n - 2k`` values of each column of ``x`` (``use``:
+    force a kernel, ``"network"`` or ``"sort"``, for tests and benchmarks)."""
     n = x.shape[0]
     out = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
     if k == 0:
         return torch.mean(x, 0, out=out)
+    if x.device.type == "cpu" and (_kernel_arg(use) or kernel(n, (k, n - 1 - k))) == "sort":
+        def middle(t: torch.Tensor, cols: slice, ws: Scratch) -> None:
+            # Each row is one column sorted: sum its kept values along the row.
+            o = out[cols]
+            torch.sum(t[:, k:n - k], 1, out=o).div_(n - 2 * k)
+            nan = torch.isnan(t[:, n - 1])     # NaN sorts last: the column holds one
+            if bool(nan.any()):
+                o.masked_fill_(nan, float("nan"))
+
+        map_sorted_blocks(x, middle)
+        return out
 
     def fn(r: Sequence[torch.Tensor], cols: slice, ws: Scratch) -> None:
         lo, hi = r[k], r[n - 1 - k]

@@ -62,10 +62,15 @@ attack = "sign_flip"
 """
 
 
-def _orchestrator(toml: Path, run_dir: Path, kill_at: str = "") -> subprocess.CompletedProcess:
+def _orchestrator(toml: Path, run_dir: Path, kill_at: str = "", kill_rank: str = "") -> subprocess.CompletedProcess:
+    """``python -m orchestrator run`` in a session of its own (its node processes and
+    aggregation ranks in it too; all stopped by PID at the end), killed at ``kill_at`` on
+    rank ``kill_rank`` (default 0) when given."""
     env = {k: v for k, v in os.environ.items() if k not in ("BYZFED_KILL_AT", "BYZFED_KILL_RANK")}
     if kill_at:
         env["BYZFED_KILL_AT"] = kill_at
+    if kill_rank:
+        env["BYZFED_KILL_RANK"] = kill_rank
     argv = [sys.executable, "-m", "orchestrator", "run", str(toml), "--run-dir", str(run_dir)]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -44,3 +44,44 @@ def test_checkpoint_round_trip_and_identity(tmp_path):
     checkpoint.check_matches(path, ck, {"seed": 1, "defense": "median"})
     with pytest.raises(checkpoint.CheckpointError, match="its defense is 'median', this run's is 'krum'"):
         checkpoint.check_matches(path, ck, {"seed": 1, "defense": "krum"})
+
+
+def test_node_state_store_starts_a_round_from_the_state_before_it(tmp_path):
+    from fednode.node_state import NodeStateStore
+
+    store = NodeStateStore(tmp_path / "n", "honest-0")
+    assert store.load_before(0, "feddyn") == ({}, -1)  # a new node: zeros (the strategy's own start)
+    for r in range(3):
+        store.save(r, "feddyn", {"feddyn_h": torch.full((4,), float(r))})
+    assert store.rounds() == [1, 2]  # a checkpoint after every round: the last two
+    state, r = store.load_before(3, "feddyn")
+    assert r == 2 and torch.equal(state["feddyn_h"], torch.full((4,), 2.0))
+    # round 2 run again after a kill: from the state before it, and round 2's file (rolled back) goes
+    state, r = store.load_before(2, "feddyn")
+    assert r == 1 and torch.equal(state["feddyn_h"], torch.ones(4)) and store.rounds() == [1]
+    assert not list((tmp_path / "n").glob("*.tmp"))
+
+
+def test_node_state_store_keeps_back_to_the_checkpoint_round(tmp_path):
+    from fednode.node_state import NodeStateStore
+
+    store = NodeStateStore(tmp_path, "n")
+    for r in (0, 2, 3, 5):  # not selected in rounds 1 and 4
+        store.save(r, "fedspeed", {"fedspeed_ghat": torch.zeros(2)}, keep_from=2)
+    assert store.rounds() == [0, 2, 3, 5]  # a resume from round 2 needs round 0's state
+    store.save(6, "fedspeed", {"fedspeed_ghat": torch.zeros(2)}, keep_from=6)
+    assert store.rounds() == [5, 6]
+
+
+def test_node_state_store_refuses_another_nodes_or_a_torn_file(tmp_path):
+    from fednode.node_state import NodeStateError, NodeStateStore
+
+    NodeStateStore(tmp_path, "honest-0").save(0, "feddyn", {"feddyn_h": torch.zeros(2)})
+    with pytest.raises(NodeStateError, match="its name is 'honest-0', this node's is 'honest-1'"):
+        NodeStateStore(tmp_path, "honest-1").load_before(1, "feddyn")
+    with pytest.raises(NodeStateError, match="its algorithm is 'feddyn', this node's is 'fedspeed'"):
+        NodeStateStore(tmp_path, "honest-0").load_before(1, "fedspeed")
+    path = tmp_path / "state-0.pt"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(NodeStateError, match="state-0.pt is not a readable node state file"):
+        NodeStateStore(tmp_path, "honest-0").load_before(1, "feddyn")

@@ -67,8 +67,10 @@ def test_rule_aware_attacks_call_the_rule_on_reference_plus_copies(make_ctx, hon
         shapes.append(tuple(rows.shape))
         return rows.mean(0)
 
-    build_attack("ipm_opt", {"grid": 5, "refine": 3}).craft(make_ctx(f=2, honest=None, aggregate=spy))
-    assert set(shapes) == {(3 + 2, honest.shape[1])}
+    # 3 colluder rows, completed to n - f = 8 honest rows (simulated_honest), plus f = 2 copies
+    attack = build_attack("ipm_opt", {"grid": 5, "refine": 3})
+    attack.craft(make_ctx(f=2, honest=None, aggregate=spy))
+    assert set(shapes) == {(10, honest.shape[1])} and attack.last_filled == 5
     assert len(shapes) == 5 + 3 + 2
 
 

@@ -112,3 +112,156 @@ def test_sign_gram_is_exact_in_int8_and_float(n):
     assert int8_products(n, x.device) == (n >= 48)
     got8, _ = blocked_gram(x, lambda b, ws: torch.sign(b, out=ws("sign", *b.shape)).to(torch.int8))
     assert torch.equal(got8, ref)
+
+
+# --- The two CPU kernels (_order.kernel): Batcher network and numpy's sort ---
+
+def _hard_columns(n: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    x[:, :7] = 1.0                                  # all ties
+    x[::2, 7:20] = -0.5                             # half ties
+    x[0, 20], x[-1, 21] = float("inf"), float("-inf")
+    x[:, 22] = float("inf")
+    x[0, 23] = x[-1, 23] = 3e38 if dtype == torch.float32 else 1e300   # huge finite
+    return x
+
+
+@pytest.mark.parametrize("n", [3, 24, 64, 100])
+def test_both_kernels_give_every_exact_order_statistic(n):
+    x = _hard_columns(n, 9_001, n)
+    ref = x.sort(0).values
+    for use in ("network", "sort"):
+        out = torch.empty_like(x)
+
+        def fn(r, cols, ws):
+            out[:, cols] = torch.stack(list(r))
+
+        map_sorted_columns(x, fn, use=use)
+        assert torch.equal(out, ref), use
+        lo, hi = (n - 1) // 2, n // 2
+        assert torch.equal(column_median(x, use=use), ref[lo] * 0.5 + ref[hi] * 0.5), use
+
+
+def test_sort_kernel_with_rows_scale_and_abs():
+    x = _hard_columns(40, 20_001, 7, torch.float64)
+    rows = torch.tensor([0, 2, 3, 5, 8, 13, 21, 34, 39])
+    scale = torch.linspace(0.25, 2.0, rows.numel(), dtype=torch.float64)
+    ref = (x[rows] * scale[:, None]).abs().sort(0).values
+    out = torch.empty_like(ref)
+
+    def fn(r, cols, ws):
+        out[:, cols] = torch.stack(list(r))
+
+    map_sorted_columns(x, fn, rows=rows, scale=scale, absolute=True, use="sort")
+    assert torch.equal(out, ref)
+    assert torch.equal(column_median(x, rows=rows, scale=scale, absolute=True, use="sort"), ref[4])
+
+
+@pytest.mark.parametrize("use", ["network", "sort"])
+@pytest.mark.parametrize("n,k", [(24, 7), (64, 19), (101, 30)])
+def test_trimmed_mean_kernels_match_the_sorted_reference(use, n, k):
+    x = _hard_columns(n, 30_001, n, torch.float64)
+    x[:, 23] = 0.0                                  # (1e300 sums overflow in neither kernel, but the clamp trick
+    ref = x.sort(0).values[k:n - k].mean(0)         # cancels inf - inf at column 22: compare elsewhere)
+    got = trimmed_mean(x, k, use)
+    keep = torch.ones(x.shape[1], dtype=torch.bool)
+    keep[22] = False
+    assert torch.allclose(got[keep], ref[keep], rtol=1e-12, atol=1e-15)
+    if use == "sort":
+        assert got[22] == float("inf")
+
+
+@pytest.mark.parametrize("use", ["network", "sort"])
+def test_a_column_holding_nan_is_nan_in_either_kernel(use):
+    n = 30
+    x = torch.randn(n, 5_000, generator=torch.Generator().manual_seed(5))
+    x[3, 100] = float("nan")
+    x[:, 101] = float("nan")
+    med, tm = column_median(x, use=use), trimmed_mean(x, 5, use)
+    for v in (med, tm):
+        assert v[100].isnan() and v[101].isnan()
+        assert int(v.isnan().sum()) == 2
+    got = {}
+
+    def fn(r, cols, ws):
+        got[cols.start] = torch.stack([r[0], r[n - 1]])
+
+    map_sorted_columns(x, fn, need=(0, n - 1), use=use)
+    both = torch.cat([got[c] for c in sorted(got)], 1)
+    assert both[:, 100].isnan().all() and both[:, 101].isnan().all()
+
+
+@pytest.mark.parametrize("n,k", [(64, 19), (100, 30)])
+def test_sort_kernel_results_depend_on_each_column_only(n, k):
+    # Aggregation ranks split columns on block multiples, but with the sort
+    # kernel a column's bits do not even depend on which block holds it: any
+    # span of columns, at any offset, gives the full matrix's bits there.
+    x = torch.randn(n, 40_000, generator=torch.Generator().manual_seed(n)).mul_(1e-3)
+    med, tm = column_median(x, use="sort"), trimmed_mean(x, k, use="sort")
+    for a, b in [(0, 1), (1, 3), (777, 5_000), (4_095, 4_097), (12_345, 40_000)]:
+        part = x[:, a:b].contiguous()
+        assert torch.equal(column_median(part, use="sort"), med[a:b])
+        assert torch.equal(trimmed_mean(part, k, use="sort"), tm[a:b])
+
+
+def test_kernel_table_picks_by_n_and_positions():
+    from orchestrator.defenses._order import SORT_FROM, kernel, sorted_block_width, _sort_block
+
+    m = SORT_FROM["median"]
+    assert kernel(m - 1, ((m - 2) // 2, (m - 1) // 2)) == "network"
+    assert kernel(m, ((m - 1) // 2, m // 2)) == "sort"
+    p = SORT_FROM["pair"]
+    assert kernel(p - 1, (1, p - 3)) == "network" and kernel(p, (1, p - 2)) == "sort"
+    a = SORT_FROM["all"]
+    assert kernel(a - 1, None) == "network" and kernel(a, None) == "sort"
+    for n in range(1, 300):
+        # The split alignment covers both kernels' blocks.
+        assert sorted_block_width(n) % _sort_block(n) == 0
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "fedseca", "bulyan"])
+@pytest.mark.parametrize("kind", ["nan-row", "nan-entry", "inf-entry", "row3e38", "row-max"])
+def test_rules_on_the_sort_kernel_keep_their_robustness(name, kind):
+    # n = 100: the median, trimmed mean and FedSECA's median run on numpy's sort
+    # (the robustness tests' small n run the networks); bad values in row 0.
+    from orchestrator.defenses import build_defense
+    from proto.layout import Layout
+
+    from tests.unit.defenses.helpers import context, honest
+
+    n, d = 100, 3_000
+    good, mu = honest(n, d, seed=11, dtype=torch.float32)
+    x = good.clone()
+    if kind == "nan-row":
+        x[0] = float("nan")
+    elif kind == "nan-entry":
+        x[0, 5] = float("nan")
+    elif kind == "inf-entry":
+        x[0, 5] = float("inf")
+    elif kind == "row3e38":
+        x[0] = 3e38
+    else:
+        x[0] = torch.finfo(torch.float32).max * torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0)
+    f = 24 if name == "bulyan" else 30
+    res = build_defense(name, {})(x, context(f=f, layout=Layout.from_shapes([("w", (d,))]), dtype=torch.float32))
+    assert torch.isfinite(res.delta).all()
+    if kind.startswith("nan"):
+        assert not res.accepted[0]
+    spread = float((good[1:].double() - good[1:].double().mean(0)).norm(dim=1).max())
+    if name == "fedseca":   # sparsified (top 10% per row): only its scale is comparable
+        assert float(res.delta.double().norm()) < 10 * spread
+    else:
+        assert float((res.delta.double() - mu.double()).norm()) < 10 * spread
+    if name in ("median", "trimmed_mean") and not kind.startswith("nan"):
+        # The exact order statistics of every column, bad row included.
+        s = x.double().sort(0).values
+        ref = (s[49] + s[50]) / 2 if name == "median" else s[f:n - f].mean(0)
+        assert torch.allclose(res.delta.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_kernel_is_a_precise_error():
+    x = torch.randn(5, 10)
+    for call in (lambda: column_median(x, use="bitonic"), lambda: trimmed_mean(x, 1, use="bitonic"),
+                 lambda: map_sorted_columns(x, lambda r, c, w: None, use="bitonic")):
+        with pytest.raises(ValueError, match="'network' or 'sort'"):
+            call()
