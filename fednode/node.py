@@ -57,6 +57,17 @@ EXIT_NAME_TAKEN = 3
 """Exit status of a node whose name another holder of the federation token joined under first."""
 EXIT_NOT_ENROLLED = 4
 """Exit status of a node whose secret is not its name's enrolment secret (``security.enrol``)."""
+EXIT_REVOKED = 5
+"""Exit status of a node whose name or certificate the operator revoked (``security.revoked``)."""
+
+
+def revoked(e: grpc.RpcError) -> bool:
+    """Whether a refused call says this node's name or certificate is revoked (the
+    orchestrator's ``byzfed-refusal: revoked`` trailer on ``PERMISSION_DENIED``)."""
+    if e.code() != grpc.StatusCode.PERMISSION_DENIED:
+        return False
+    meta = dict((k, v) for k, v in (e.trailing_metadata() or ()) if isinstance(v, str))
+    return meta.get("byzfed-refusal") == "revoked"
 
 
 def name_taken(e: grpc.RpcError) -> bool:
@@ -195,6 +206,9 @@ class Node:
         try:
             s = self._retry("join", lambda: self.client.join(self.cfg.name, self.cfg.secret, self.cfg.federation_token))
         except grpc.RpcError as e:
+            if revoked(e):
+                self._revoked(e)
+                return
             if not_enrolled(e):
                 log.error("%s: join refused: %s; not joining, exiting with status %d", self.cfg.name, e.details(),
                           EXIT_NOT_ENROLLED)
@@ -215,6 +229,12 @@ class Node:
                      "re-joined" if s.rejoined else "joined", s.node_id, s.current_round, self.client.upload_address,
                      s.ingest_address)
 
+    def _revoked(self, e: grpc.RpcError) -> None:
+        log.error("%s: revoked by the orchestrator (%s); exiting with status %d", self.cfg.name, e.details(),
+                  EXIT_REVOKED)
+        self.exit_status = EXIT_REVOKED
+        self.stop.set()
+
     def _heartbeat_loop(self) -> None:
         while not self.stop.wait(max(0.2, self.client.session.lease_seconds / 3)):
             try:
@@ -222,6 +242,9 @@ class Node:
                 if reply.shutdown:
                     return
             except grpc.RpcError as e:
+                if revoked(e):
+                    self._revoked(e)
+                    return
                 if e.code() in REJOIN_CODES:
                     self._need_rejoin.set()
                 # unreachable: the main loop's retries handle it
@@ -327,6 +350,9 @@ class Node:
                     task = self._retry("get task", lambda: self.client.get_task(wait_seconds=20.0),
                                        until=self._need_rejoin)
                 except grpc.RpcError as e:
+                    if revoked(e):
+                        self._revoked(e)
+                        break
                     if e.code() in REJOIN_CODES or self._need_rejoin.is_set():
                         self._need_rejoin.set()
                         continue
