@@ -80,7 +80,8 @@ async def _session(stub, pb, name: str, token: str, lease_box: list, stop: async
 
     async def heartbeats() -> None:
         period = lease_box[0] / 3
-        await asyncio.sleep(random.random() * period)  # a random phase: the nodes' beats do not line up either
+        await asyncio.sleep(random.random() * min(1.0, period))  # the first within a second of the join, then
+        # every period from there: random phases, as the nodes' beats do not line up either
         while not stop.is_set():
             t0 = time.monotonic()
             try:
@@ -105,6 +106,7 @@ async def _session(stub, pb, name: str, token: str, lease_box: list, stop: async
 
     async def polls() -> None:
         while not stop.is_set():
+            out["polls_opened"] += 1
             try:
                 call = stub.GetTask(pb.GetTaskRequest(session=pb.Session(node_id=box["id"],
                                                                          session_token=box["token"]),
@@ -144,7 +146,7 @@ async def _worker(address: str, token: str, names: list[str], channels: int, lea
         loop.add_signal_handler(sig, stop.set)
     chans = [grpc.aio.insecure_channel(address) for _ in range(max(1, channels))]
     stubs = [pb_grpc.FederationStub(c) for c in chans]
-    out = {"sessions": len(names), "joined": 0, "join_failed": 0, "evicted": 0, "tasks": 0, "polls": 0,
+    out = {"sessions": len(names), "joined": 0, "join_failed": 0, "evicted": 0, "tasks": 0, "polls": 0, "polls_opened": 0,
            "errors": {}, "latency": []}
     sem = asyncio.Semaphore(max(1, join_concurrency))
     lease_box = [lease]
@@ -348,7 +350,7 @@ def run_bench(args) -> dict:
                 w.wait()
     wall = time.monotonic() - t0
     rows = rows_of(run_dir)
-    totals = {"sessions": 0, "joined": 0, "join_failed": 0, "evicted": 0, "tasks": 0, "polls": 0}
+    totals = {"sessions": 0, "joined": 0, "join_failed": 0, "evicted": 0, "tasks": 0, "polls": 0, "polls_opened": 0}
     errors: dict[str, int] = {}
     latency_all, latency_rounds = [], []
     first_round_unix = None if first_row_unix is None or not rows else \

@@ -155,7 +155,7 @@ class Behaviour:
         self.collusion: Optional[CollusionClient] = None
         self.view: Optional[AdversaryViewClient] = None
         self._poisoned: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self._last_round = -1
+        self._last_round = (-1, -1)  # (round, attempt) of the last round run (a re-run round: attempt + 1)
         self._rule: Optional[RuleAggregate] = None
         self._view_spec: Optional[dict] = None  # where the view / the collusion service are, until connect()
         self._collusion_spec: Optional[dict] = None
@@ -249,12 +249,14 @@ class Behaviour:
     def run_round(self, node: Any, task: Task) -> None:
         self.connect(getattr(node.client, "address", ""))  # services advertised relative to the orchestrator
         r = task.round
-        if r <= self._last_round:
+        attempt = int((task.train or {}).get("attempt", 0) or 0)
+        if (r, attempt) <= self._last_round:
             # Dropped out, or the upload was refused: the open round offers this node its
-            # task again. Do the round once only; poll gently until it closes.
+            # task again. Do the round once only (once per attempt: a round the orchestrator
+            # runs again after a rank died is done again); poll gently until it closes.
             node.stop.wait(min(1.0, max(0.05, task.deadline_unix - time.time())))
             return
-        self._last_round = r
+        self._last_round = (r, attempt)
         if self.drops_out(r):
             log.info("%s: round %d: dropping out (no upload)", self.name, r)
             return

@@ -61,6 +61,12 @@ EXIT_REVOKED = 5
 """Exit status of a node whose name or certificate the operator revoked (``security.revoked``)."""
 
 
+def _attempt_of(task) -> tuple[int, int, int]:
+    """(round, model version, attempt) of a train task: a node trains each once. The attempt
+    counts the times the orchestrator ran the round again (a rank died during it)."""
+    return task.round, task.model_version, int((task.train or {}).get("attempt", 0) or 0)
+
+
 def revoked(e: grpc.RpcError) -> bool:
     """Whether a refused call says this node's name or certificate is revoked (the
     orchestrator's ``byzfed-refusal: revoked`` trailer on ``PERMISSION_DENIED``)."""
@@ -161,7 +167,7 @@ class Node:
         self._work = None  # (model, x, y, num_classes), loaded at the first task
         self._selected_cpu: Optional[float] = None  # process CPU seconds when this round's work began
         self.rounds_done = 0
-        self.attempted = (-1, -1)  # (round, model version) of the last upload sent, refused or given up
+        self.attempted = (-1, -1, -1)  # (round, model version, attempt) of the last upload sent, refused or given up
         self.rng = random.Random()  # back-off jitter
 
     # ----- membership -----------------------------------------------------------
@@ -316,6 +322,7 @@ class Node:
         seed, round_id = t.pop("seed"), t.pop("round")
         t.pop("num_selected", None)  # round facts, not hyper-parameters
         keep_from = t.pop("checkpoint_round", None)
+        t.pop("attempt", None)  # (which run of the round this is: the node trains it the same way)
         g = generator(seed, "train", round_id, self.cfg.name)
         cfg = TrainConfig(**t)
         store = self.state_store if self.state_store is not None and _stateful(cfg.algorithm) else None
@@ -363,7 +370,7 @@ class Node:
                     break  # the scenario's leave_at_round: leave (finally) and exit
                 if task.kind == "wait":
                     continue
-                if task.round <= self.cfg.after_round or (task.round, task.model_version) <= self.attempted:
+                if task.round <= self.cfg.after_round or _attempt_of(task) <= self.attempted:
                     # done before this process was re-executed, or its upload was sent, refused or
                     # given up: one attempt per round; poll gently until the round closes
                     self.stop.wait(min(1.0, max(0.05, task.deadline_unix - time.time())))
@@ -432,16 +439,21 @@ class Node:
                     if code in REJOIN_CODES:
                         self._need_rejoin.set()  # re-join and take the round's task again
                     else:
-                        self.attempted = max(self.attempted, (r, task.model_version))
+                        self.attempted = max(self.attempted, _attempt_of(task))
                     return False
                 wait = backoff.next()
                 left = deadline - time.time()
+                if self._need_rejoin.is_set():  # evicted meanwhile (e.g. its rank left the group): join again
+                    log.warning("%s: round %d: giving up the upload to %s: this node must join again (%s: %s)",
+                                name, r, self.client.upload_address, code.name, e.details())
+                    self.attempted = max(self.attempted, _attempt_of(task))
+                    return False
                 if self.stop.is_set() or wait >= left:  # no time for another attempt in this round
                     log.warning("%s: round %d: giving up the upload to %s %s after %d attempts in %.1fs (last %s: %s)",
                                 name, r, self.client.upload_address,
                                 "(stopping)" if self.stop.is_set() else "at the round's deadline", attempts,
                                 time.monotonic() - started, code.name, e.details())
-                    self.attempted = max(self.attempted, (r, task.model_version))
+                    self.attempted = max(self.attempted, _attempt_of(task))
                     return False
                 if attempts == 1:
                     log.warning("%s: round %d: upload failed, orchestrator unreachable at %s (%s: %s); retrying with "
@@ -450,7 +462,7 @@ class Node:
                 self.stop.wait(wait)
                 continue
             self.rounds_done += 1
-            self.attempted = max(self.attempted, (r, task.model_version))
+            self.attempted = max(self.attempted, _attempt_of(task))
             if attempts == 1:
                 log.info("%s: round %d update sent", name, r)
             else:

@@ -151,6 +151,8 @@ class Coordinator:
         self.adversary_view = None  # set by servicer.serve() iff [adversary] omniscient (simulation only)
         self.await_joiners: dict[int, set[str]] = {}  # round -> names the runner starts for that round
         self.checkpoint_round = 0
+        self.attempt = 0
+        """How many times the current round ran before (a rank died during it; see _group_failed)."""
         """The next round of the last checkpoint written or resumed from: where a resumed run starts."""
         self._maybe_resume()
 
@@ -169,6 +171,7 @@ class Coordinator:
         t = asdict(self.s.training)
         t["seed"] = self.s.seed
         t["round"] = r.round_id
+        t["attempt"] = getattr(r, "attempt", 0)  # (a round re-run after a rank died: train it again)
         t["num_selected"] = r.num_selected  # n, for attacks that need the round's size (async: B)
         # the round a resumed run would start from (a node with --state-dir keeps its state back to it)
         t["checkpoint_round"] = self.checkpoint_round if self.s.output.checkpoint_every else r.round_id
@@ -186,10 +189,13 @@ class Coordinator:
         earlier), then (several ranks) the other ranks' part of it."""
         if self.leader is None:
             self.store.open_round(sorted(selected))
-            return self.keeper.open(round_id, self.model.version, set(selected), timeout, quorum, target=target)
+            rnd = self.keeper.open(round_id, self.model.version, set(selected), timeout, quorum, target=target)
+            rnd.attempt = self.attempt
+            return rnd
         self.owners = {n: self.leader.owner(n) for n in selected}
         self.store.open_round(sorted(n for n in selected if self.owners[n] == 0))
         rnd = self.keeper.open(round_id, self.model.version, set(selected), timeout, quorum, target=target)
+        rnd.attempt = self.attempt
         self.leader.open(rnd)
         return rnd
 
@@ -304,7 +310,10 @@ class Coordinator:
                 try:
                     driver.step()
                 except GroupError as e:
-                    self._group_failed(e)
+                    if self._group_failed(e):
+                        self.attempt += 1
+                        continue  # the same round again, on the re-formed group
+                self.attempt = 0
                 trim_heap()
                 self.round_id += 1
                 if self.s.output.checkpoint_every and self.round_id % self.s.output.checkpoint_every == 0:
@@ -324,10 +333,12 @@ class Coordinator:
             self.metrics.plot(f"{self.s.name}: {self.s.model.name} on {self.s.data.dataset}, {self.s.defense.name}")
         return summary
 
-    def _group_failed(self, error: GroupError) -> None:
+    def _group_failed(self, error: GroupError) -> bool:
         """A rank of the aggregation group failed during this round: re-form the group
-        without it (gloo) and abandon the round, or (NCCL, dead leader's store) checkpoint
-        and stop with the error."""
+        without it (gloo) and run the round again (True; ``aggregation.rerun_rounds`` times
+        at most, else abandon it: False), or (NCCL, dead leader's store) checkpoint and stop
+        with the error. A re-run round is the same round: same model, selection and seeds,
+        so its nodes' updates and the run's model are those of a run without the failure."""
         try:
             info = self.leader.recover(error)
         except GroupError:
@@ -337,12 +348,15 @@ class Coordinator:
         finally:
             self.keeper.close_now("abandoned: aggregation group failed")
             self.store.drop()
-        # the moved nodes re-join (another rank) before the next round's selection
-        self.await_joiners.setdefault(self.round_id + 1, set()).update(info["moved"])
+        rerun = self.attempt < self.s.aggregation.rerun_rounds
+        # the moved nodes re-join (another rank) before the (re-run or next) round's selection
+        self.await_joiners.setdefault(self.round_id + (0 if rerun else 1), set()).update(info["moved"])
         self.record_row({"round": self.round_id, "model_version": self.model.version,
                          "outcome": f"abandoned: aggregation rank(s) {info['ranks_lost']} failed; the group "
-                                    f"re-formed with {len(info['ranks'])} rank(s)",
-                         "group": info, "alive": len(self.membership.alive())})
+                                    f"re-formed with {len(info['ranks'])} rank(s)"
+                                    + ("; the round runs again" if rerun else ""),
+                         "attempt": self.attempt, "group": info, "alive": len(self.membership.alive())})
+        return rerun
 
     def record_row(self, row: dict[str, Any]) -> None:
         """Write one metrics row (a round, an async step, or an abandoned/skipped one)."""

@@ -82,7 +82,7 @@ from .rounds import Round, Upload
 log = logging.getLogger("orchestrator.group")
 
 NOOP, OPEN, POLL, CLOSE, STOP = range(5)
-HEADER = 6
+HEADER = 7
 ADDRESS_BYTES = 256
 IN_FLIGHT, DONE, BROKEN = 1, 2, 3
 STATE_NAMES = {IN_FLIGHT: "in_flight", DONE: "done", BROKEN: "broken"}
@@ -587,7 +587,8 @@ class Leader:
         table = torch.tensor([[index_of(n), self.owner(n)] for n in sel], dtype=torch.int64)
         timeout_ms = int(max(0.0, rnd.deadline - time.monotonic()) * 1000)
         with self.commands.lock:
-            self.commands.send(OPEN, rnd.round_id, rnd.model_version, len(sel), timeout_ms, torch.get_num_threads())
+            self.commands.send(OPEN, rnd.round_id, rnd.model_version, len(sel), timeout_ms, torch.get_num_threads(),
+                               rnd.attempt)
             self.commands.call(self.group.broadcast_, c.model.weights.to(self.device, torch.float32).contiguous())
             self.commands.call(self.group.broadcast_, table.to(self.device))
         self._round_open.set()
@@ -783,7 +784,7 @@ class Follower:
     def _loop(self) -> int:
         c = self.c
         while True:
-            cmd, a, b, k, timeout_ms, threads = self._header()
+            cmd, a, b, k, timeout_ms, threads, attempt = self._header()
             if cmd == NOOP:
                 continue
             if cmd == STOP:
@@ -793,7 +794,7 @@ class Follower:
                     # the leader's thread count: a rule run on every rank (not split) then reduces
                     # in the same order everywhere, so its state stays the same on every rank
                     torch.set_num_threads(threads)
-                self._open(a, b, k, timeout_ms)
+                self._open(a, b, k, timeout_ms, attempt)
             elif cmd == POLL:
                 if b:
                     c.keeper.close_now("closed by the leader")
@@ -804,7 +805,7 @@ class Follower:
             else:
                 raise GroupError(f"unknown command {cmd} from the leader")
 
-    def _open(self, round_id: int, version: int, n: int, timeout_ms: int) -> None:
+    def _open(self, round_id: int, version: int, n: int, timeout_ms: int, attempt: int = 0) -> None:
         c = self.c
         weights = torch.empty(c.layout.d, dtype=torch.float32, device=self.device)
         self.group.broadcast_(weights)
@@ -815,7 +816,7 @@ class Follower:
         mine = [c.node_id_of_index(i) for i, r in pairs if r == c.rank]
         c.store.open_round(sorted(mine))
         rnd = c.keeper.open(round_id, version, set(mine), timeout_ms / 1000.0, quorum=1.0)
-        rnd.size = n
+        rnd.size, rnd.attempt = n, attempt
         c.owners = {c.node_id_of_index(i): r for i, r in pairs}
         c.round_id = round_id
 

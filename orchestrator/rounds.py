@@ -71,6 +71,9 @@ class Round:
     size: int = 0
     """The round's selection over every aggregation rank (0: ``len(selected)``; an ingest
     rank's ledger holds only the nodes it serves)."""
+    attempt: int = 0
+    """0, or how many times this round was run before (``aggregation.rerun_rounds``: a rank
+    died and the group re-formed); nodes train a round once per attempt."""
 
     def nonce_of(self, node_id: str) -> str:
         """The upload nonce to send with ``node_id``'s task of this round."""

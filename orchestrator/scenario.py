@@ -114,6 +114,10 @@ class AggregationSection:
     timeout_seconds: float = 120.0
     """A collective between ranks (or the group's rendezvous) fails after this long: a dead
     or hung rank ends the run with a clear error instead of a hang."""
+    rerun_rounds: int = 1
+    """When a rank dies during a round and the group re-forms without it, run that round
+    again (same round, selection and model; its nodes train it again) at most this many
+    times before abandoning it; 0: abandon it at once."""
 
 
 @dataclass(frozen=True, kw_only=True)

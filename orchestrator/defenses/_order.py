@@ -156,6 +156,21 @@ def chunk_width(k: int, device: torch.device) -> int:
 SortedFn = Callable[[torch.Tensor, slice, Scratch], None]
 
 
+def _fill_block(block: torch.Tensor, x: torch.Tensor, c0: int, c1: int, rows: Optional[torch.Tensor],
+                scale: Optional[torch.Tensor], absolute: bool, ws: "Scratch") -> torch.Tensor:
+    """Columns ``c0:c1`` of ``x`` (its ``rows`` if given, each row times ``scale``, absolute
+    values if ``absolute``) written into ``block`` (``[n_rows, c1 - c0]``), which is returned."""
+    src = x[:, c0:c1] if rows is None else \
+        torch.index_select(x[:, c0:c1], 0, rows, out=ws("map.rows", block.shape[0], c1 - c0))
+    if scale is not None:
+        torch.mul(src, scale[:, None], out=block)
+    else:
+        block.copy_(src)
+    if absolute:
+        block.abs_()
+    return block
+
+
 def map_sorted_blocks(x: torch.Tensor, fn: SortedFn, *, rows: Optional[torch.Tensor] = None,
                       scale: Optional[torch.Tensor] = None, absolute: bool = False) -> None:
     """Call ``fn(t, cols, scratch)`` for consecutive column blocks ``cols`` of ``x``
@@ -184,15 +199,7 @@ def map_sorted_blocks(x: torch.Tensor, fn: SortedFn, *, rows: Optional[torch.Ten
         ws = Scratch(x.dtype, x.device)
         for c0, c1 in part:
             w = c1 - c0
-            block = ws("sort.rows", n_rows, w)
-            src = x[:, c0:c1] if rows is None else \
-                torch.index_select(x[:, c0:c1], 0, rows, out=ws("map.rows", n_rows, w))
-            if scale is not None:
-                torch.mul(src, scale[:, None], out=block)
-            else:
-                block.copy_(src)
-            if absolute:
-                block.abs_()
+            block = _fill_block(ws("sort.rows", n_rows, w), x, c0, c1, rows, scale, absolute, ws)
             t = ws("sort.cols", w, n_rows)
             t.copy_(block.t())
             t.numpy().sort(axis=1)
@@ -239,15 +246,7 @@ def map_sorted_columns(x: torch.Tensor, fn: RowsFn, *, rows: Optional[torch.Tens
         ws = Scratch(x.dtype, x.device)
         for c0, c1 in part:
             w = c1 - c0
-            block = buf[:n_rows, :w]
-            src = x[:, c0:c1] if rows is None else \
-                torch.index_select(x[:, c0:c1], 0, rows, out=ws("map.rows", n_rows, w))
-            if scale is not None:
-                torch.mul(src, scale[:, None], out=block)
-            else:
-                block.copy_(src)
-            if absolute:
-                block.abs_()
+            _fill_block(buf[:n_rows, :w], x, c0, c1, rows, scale, absolute, ws)
             wires = [buf[i, :w] for i in range(n_rows + 1)]
             spare = n_rows
             for a, b in comps:
