@@ -160,5 +160,9 @@ class AsyncRounds(Driver):
         finally:
             for n in node_ids:
                 c.store.release(n)
-        c.pipeline.run(c.model, r_id, rows, self.manifest(uploads, row), row, scale=weights)
+        manifest = self.manifest(uploads, row)
+        t1 = time.monotonic()
+        result = c.pipeline.defend(c.model, r_id, rows, manifest, weights)
+        failpoints.reached("aggregate", r_id)  # (a kill here: the defense ran, its step is not applied)
+        c.pipeline.apply(c.model, result, manifest, row, time.monotonic() - t1)
         self.keeper.publish(c.round_id + 1, c.model.version, c.weights_payload(c.model.version))

@@ -197,8 +197,10 @@ class Roster:
         self.refused: list[dict[str, Any]] = []
         """Join proofs the leader refused (generation, rank, why); see :meth:`admit`."""
         self._stopped = threading.Event()
+        self._beater: Optional[threading.Thread] = None
         if rid != 0 and world > 1:
-            threading.Thread(target=self._beat, name=f"rank-{rid}-beat", daemon=True).start()
+            self._beater = threading.Thread(target=self._beat, name=f"rank-{rid}-beat", daemon=True)
+            self._beater.start()
 
     def _beat(self) -> None:
         """Count this rank's beat up on the store (its own connection, so a blocking store
@@ -214,7 +216,12 @@ class Roster:
             return
 
     def stop(self) -> None:
+        """Stop the liveness beat and wait (a few seconds at most) for its thread: a store
+        call still in flight when the process exits aborts it (SIGABRT) instead of a clean exit."""
         self._stopped.set()
+        t = self._beater
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=BEAT_SECONDS + 5.0)
 
     @property
     def rank(self) -> int:

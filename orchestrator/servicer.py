@@ -630,6 +630,8 @@ class FederationServicer:
             self.refused_bytes += len(raw)
             await self._refuse_later(context, e)
         except asyncio.CancelledError:
+            if c.shutdown.is_set() and (ticket is None or not ticket.evicted):
+                return  # the server is stopping (its grace ran out): the poll simply ends
             if ticket is None or not ticket.evicted:
                 raise
             context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)  # evicted (per-node cap)

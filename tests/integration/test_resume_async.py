@@ -61,7 +61,8 @@ def _resumes(run_dir):
     return [json.loads(line) for line in (run_dir / "resumed.jsonl").read_text().splitlines()]
 
 
-def test_killed_deterministic_async_run_ends_on_the_uninterrupted_model(tmp_path):
+@pytest.mark.parametrize("kill_at", ["collect:2", pytest.param("aggregate:2", marks=pytest.mark.slow)])
+def test_killed_deterministic_async_run_ends_on_the_uninterrupted_model(tmp_path, kill_at):
     rounds = 4
     toml = tmp_path / "s.toml"
     toml.write_text(_toml(nodes=3, buffer_size=3, max_staleness=0, rounds=rounds))
@@ -69,7 +70,7 @@ def test_killed_deterministic_async_run_ends_on_the_uninterrupted_model(tmp_path
     assert whole.returncode == 0, whole.stderr.decode()[-2000:]
 
     run_dir = tmp_path / "killed"
-    died = _orchestrator(toml, run_dir, "collect:2")
+    died = _orchestrator(toml, run_dir, kill_at)  # during step 2's collection, or its defense computed
     assert died.returncode == -signal.SIGKILL, (died.returncode, died.stderr.decode()[-2000:])
     ck = checkpoint.load(run_dir / "checkpoint.pt")
     assert ck["next_round"] == 2 and ck["model_version"] == 2 and ck["async"]["version"] == 2

@@ -161,7 +161,7 @@ def test_upload_retries_unavailable_with_capped_backoff_and_logs_once(orch, node
     for got, want in zip(gaps(times), expected_waits(7, 6)):
         assert want - 0.01 <= got <= want + SLACK, (gaps(times), expected_waits(7, 6))
     assert max(gaps(times)) <= CAP + SLACK and gaps(times)[-1] >= CAP / 2 - 0.01  # capped, still backing off
-    assert node.rounds_done == 1 and node.attempted == (3, 0)
+    assert node.rounds_done == 1 and node.attempted == (3, 0, 0)
     # one warning for the round (not one per attempt), one line with the outcome
     assert len(lines(node_logs, "", logging.WARNING)) == 1
     assert "round 3: upload failed" in lines(node_logs, "", logging.WARNING)[0]
@@ -181,7 +181,7 @@ def test_upload_gives_up_at_the_rounds_deadline(orch, node_logs):
     assert t.deadline_unix - CAP - 0.05 <= done <= t.deadline_unix + SLACK, (done - t0)
     attempts = len(fake.calls["PushUpdate"])
     assert 4 <= attempts <= 12, attempts  # backed off: ~50, 100, 200, 400, 400 ... ms apart
-    assert node.rounds_done == 0 and node.attempted == (4, 0)  # the main loop will not redo round 4
+    assert node.rounds_done == 0 and node.attempted == (4, 0, 0)  # the main loop will not redo round 4
     round_lines = lines(node_logs, "round 4")
     assert len(round_lines) == 2, round_lines  # however many attempts
     assert "upload failed" in round_lines[0]
@@ -235,7 +235,7 @@ def test_refusals_are_not_retried(orch, node_logs, code):
     node = joined(address)
     assert not node.upload(task(2, 30.0), torch.zeros(LAYOUT.d), 10)
     assert len(fake.calls["PushUpdate"]) == 1
-    assert node.attempted == (2, 0) and not node._need_rejoin.is_set()
+    assert node.attempted == (2, 0, 0) and not node._need_rejoin.is_set()
     assert lines(node_logs, "round 2") == [f"honest-000: round 2 update refused: {code.name} scripted {code.name}"]
 
 
@@ -246,7 +246,7 @@ def test_a_lost_session_is_not_retried_but_rejoined(orch, code):
     node = joined(address)
     assert not node.upload(task(2, 30.0), torch.zeros(LAYOUT.d), 10)
     assert len(fake.calls["PushUpdate"]) == 1
-    assert node._need_rejoin.is_set() and node.attempted == (-1, -1)  # re-joins, then may take round 2 again
+    assert node._need_rejoin.is_set() and node.attempted == (-1, -1, -1)  # re-joins, then may take round 2 again
 
 
 def test_cancelled_is_retried_unless_the_node_itself_is_stopping(orch):
