@@ -190,7 +190,10 @@ def test_async_mode_refuses_over_stale_uploads_and_converges(tmp_path):
                  roles=[{"name": "fast", "count": 5}, {"name": "slow", "count": 1, "train_delay_s": 1.0}])
     summary, rows = run(s, tmp_path)
     assert len(rows) == 40 and all(r["mode"] == "async" and r["outcome"] == "complete" for r in rows)
-    assert all(r["reported"] == 3 and r["staleness_max"] <= 3 for r in rows)
+    # staleness is checked (<= 2) against the last published version when an update is accepted;
+    # at aggregation it can be 2 more: an aggregation may be under way then (its version not yet
+    # published), and the 6 nodes' updates can put B = 3 others ahead of it in the buffer
+    assert all(r["reported"] == 3 and r["staleness_max"] <= 2 + 2 for r in rows)
     assert [r["model_version"] for r in rows] == list(range(40))
     assert any(r["staleness_max"] > 0 for r in rows)
     assert sum(r["refused"].get("stale", 0) for r in rows) >= 1
