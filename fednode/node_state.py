@@ -25,11 +25,11 @@ state file, is refused with :class:`NodeStateError` naming the file.
 from __future__ import annotations
 
 import os
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
+
+from proto import files
 
 FORMAT = "byzfed-node-state/1"
 _FILE = re.compile(r"^state-(\d+)\.pt$")
@@ -62,8 +62,6 @@ class NodeStateStore:
         """``(state, round)``: the state after the newest round ``< round_id`` this node
         trained (``({}, -1)`` when none: a new node starts from zeros). Files of rounds
         ``>= round_id`` are deleted (a rolled-back timeline)."""
-        import torch
-
         rounds = self.rounds()
         for r in rounds:
             if r >= round_id:
@@ -72,11 +70,7 @@ class NodeStateStore:
         if not older:
             return {}, -1
         path = self.path(older[-1])
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-            raise NodeStateError(f"{path} is not a readable node state file ({type(e).__name__}: {str(e)[:200]}); "
-                                 "move it away to start this node's state afresh") from None
+        blob = files.load(path, NodeStateError, "node state file", "move it away to start this node's state afresh")
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
             raise NodeStateError(f"{path} is not a byzfed node state file (format {got!r}, expected {FORMAT!r})")
@@ -96,15 +90,9 @@ class NodeStateStore:
 
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(round_id)
-        tmp = path.with_name(path.name + ".tmp")
         payload = {"format": FORMAT, "name": self.name, "algorithm": algorithm, "round": int(round_id),
                    "state": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}}
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        self._sync_dir()
+        files.save(path, payload)
         keep_from = round_id if keep_from is None else min(int(keep_from), round_id)
         rounds = self.rounds()
         older = [r for r in rounds if r < keep_from]
@@ -112,12 +100,3 @@ class NodeStateStore:
             self.path(r).unlink(missing_ok=True)
         return path
 
-    def _sync_dir(self) -> None:
-        try:
-            fd = os.open(self.dir, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -16,13 +16,10 @@ are the same whether the run was interrupted or not.
 """
 from __future__ import annotations
 
-import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from proto import files
 
 from . import failpoints
 
@@ -34,29 +31,12 @@ class CheckpointError(RuntimeError):
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save({"format": FORMAT, **payload}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    failpoints.reached("checkpoint", int(payload.get("next_round", -1)) - 1)
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files.save(path, {"format": FORMAT, **payload},
+               before_replace=lambda: failpoints.reached("checkpoint", int(payload.get("next_round", -1)) - 1))
 
 
 def load(path: Path) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                              "move it away to start the run afresh") from None
+    ck = files.load(path, CheckpointError, "checkpoint", "move it away to start the run afresh")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(f"{path} is not a byzfed checkpoint (format {got!r}, expected {FORMAT!r})")

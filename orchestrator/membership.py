@@ -106,15 +106,6 @@ class Membership:
         self.evict_reasons: dict[str, str] = {}
         """node id -> why it was last evicted: "lease", "revoked" or "rank-left"."""
 
-    def _revoked_names(self):
-        """The revoked names now, read once (``revoked`` a ``Revocations.name_revoked``), or None
-        when ``revoked`` is another callable (then asked name by name)."""
-        owner = getattr(self.revoked, "__self__", None)
-        current = getattr(owner, "current", None)
-        if current is None:
-            return None
-        return frozenset(current().names)
-
     def _is_revoked(self, name: str) -> bool:
         return self.revoked is not None and self.revoked(name)
 
@@ -228,9 +219,7 @@ class Membership:
         now = self._clock()
         with self._lock:
             live = [m for m in self._by_id.values() if m.alive]
-        names = self._revoked_names()  # (outside the lock: may read the file; once per call, not per member)
-        revoked = {m.node_id for m in live if (m.name in names if names is not None else self._is_revoked(m.name))} \
-            if self.revoked is not None and names != frozenset() else set()
+        revoked = {m.node_id for m in live if self._is_revoked(m.name)}  # (outside the lock: may read the file)
         with self._lock:
             gone = [m for m in live if m.alive and (m.node_id in revoked or m.lease_expiry < now)]
             for m in gone:
