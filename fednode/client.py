@@ -74,6 +74,12 @@ class Task:
     weights: Optional[torch.Tensor] = _TensorOnRead()  # type: ignore[assignment]
     upload_nonce: str = ""
     """The nonce the upload answering this task must echo (:meth:`FederationClient.update_header` does)."""
+    header_at: float = 0.0
+    """``time.monotonic()`` when the task's header arrived (the round reached this node)."""
+    download_seconds: float = 0.0
+    """From the header to the last weight chunk decoded."""
+    train_cpu: Optional[float] = None
+    """CPU seconds the node's local training for this task took (set by the node)."""
 
 
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "*", "")
@@ -207,6 +213,7 @@ class FederationClient:
         stream = self._upload_stub.GetTask(pb.GetTaskRequest(session=self._session_pb(), wait_seconds=wait_seconds),
                                    timeout=wait_seconds + timeout)
         first = next(stream)
+        header_at = time.monotonic()
         h = first.header
         if h.kind == pb.TaskHeader.SHUTDOWN:
             return Task("shutdown")
@@ -217,7 +224,7 @@ class FederationClient:
         weights = codec.decode_array(h.weights, (m.data for m in stream), expected_bytes=self.session.layout.d * 4)
         self.remember_nonce(h.round, h.model_version, h.upload_nonce)
         return Task("train", h.round, h.model_version, h.deadline_unix, json.loads(h.train_json), weights,
-                    h.upload_nonce)
+                    h.upload_nonce, header_at, time.monotonic() - header_at)
 
     def remember_nonce(self, round_id: int, model_version: int, nonce: str) -> None:
         """Keep the upload nonce of a train task (``get_task`` does) for :meth:`update_header`."""

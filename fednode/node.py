@@ -308,7 +308,7 @@ class Node:
 
         if self.slots.waited > 1.0:
             log.info("%s: round %d: waited %.1fs for a training slot", self.cfg.name, task.round, self.slots.waited)
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         model, x, y, num_classes = self._load_work()
         if self._selected_cpu is not None:
             # what this selection cost before training could start (torch, model, shard):
@@ -333,6 +333,7 @@ class Node:
             store.save(round_id, cfg.algorithm, self.state, keep_from=keep_from)
         if self.churn is not None:
             self.churn.crash_point("train", task.round)
+        task.train_cpu = time.process_time() - c0  # (this process's CPU: the node trains on one thread)
         return delta, len(y), time.monotonic() - t0
 
     def _straggle(self, seconds: float) -> None:
@@ -464,7 +465,7 @@ class Node:
             self.rounds_done += 1
             self.attempted = max(self.attempted, _attempt_of(task))
             if attempts == 1:
-                log.info("%s: round %d update sent", name, r)
+                log.info("%s: round %d update sent%s", name, r, _span(task))
             else:
                 log.info("%s: round %d update sent (attempt %d, after %.1fs of retries)", name, r, attempts,
                          time.monotonic() - started)
@@ -476,6 +477,19 @@ class Node:
                 self.client.leave("shutdown", timeout=2.0)
         except grpc.RpcError:
             pass
+
+
+def _span(task: Task) -> str:
+    """`` (task to ack X s, download Y s, train Z s CPU)``: from the task's header reaching
+    this node to its upload's acknowledgement, the node's whole part of the round
+    (bench/round_overhead.py reads it), the download within it, and the CPU its local
+    training took (from loading the model and shard to the update)."""
+    at = getattr(task, "header_at", 0.0)
+    if not at:
+        return ""
+    cpu = getattr(task, "train_cpu", None)
+    return (f" (task to ack {time.monotonic() - at:.3f} s, download {getattr(task, 'download_seconds', 0.0):.3f} s"
+            + ("" if cpu is None else f", train {cpu:.3f} s CPU") + ")")
 
 
 def _stateful(algorithm: str) -> bool:
