@@ -64,7 +64,7 @@ def overhead(run_dir: Path, cores: int = 0) -> list[dict]:
     table = []
     for prev, row in zip(rows, rows[1:]):
         r = row["round"]
-        if row.get("outcome") != "complete" or r not in by_round:
+        if row.get("outcome") not in ("complete", "target") or r not in by_round:  # target: over-selection
             continue
         wall = row["wall"] - prev["wall"]
         node, span, down, _ = max(by_round[r], key=lambda t: t[1])

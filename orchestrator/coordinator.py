@@ -10,6 +10,7 @@ below, and ``run()`` drives all rounds.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import threading
@@ -56,7 +57,9 @@ def _glibc():
 
 
 _LIBC = None
-M_MMAP_THRESHOLD = -3
+_STEADY = False
+M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1
+STEADY_MMAP, GLIBC_TRIM = 1 << 20, 128 << 10  # steady_heap's threshold; glibc's default trim threshold
 
 
 def steady_heap() -> None:
@@ -67,9 +70,33 @@ def steady_heap() -> None:
     the cross-device benchmark. A fixed threshold keeps every buffer >= 1 MiB in its own
     mapping, returned to the OS when freed; ``malloc_trim`` after each round returns the
     rest."""
+    global _STEADY
     libc = _glibc()
     if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP)
+        _STEADY = True
+
+
+@contextlib.contextmanager
+def roomy_heap(mmap_bytes: int = 64 << 20, trim_bytes: int = 256 << 20):
+    """For a stretch of many large short-lived temporaries on one thread (evaluating the
+    model: a CNN's activations are ~10 MB a batch): serve them from the heap and keep it,
+    then return to :func:`steady_heap`'s settings and give the memory back. Under the
+    steady settings every activation is a fresh mapping and its page faults made the
+    paper CNN's evaluation on MNIST-5k's 1,000 test images take 0.56 s instead of 0.21 s
+    (two threads); inside this, 0.21 s."""
+    libc = _glibc()
+    if libc is None or not _STEADY:  # glibc's own dynamic settings already do this
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_bytes)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP)
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM)
+        libc.malloc_trim(0)
 
 
 def trim_heap() -> None:
@@ -366,7 +393,8 @@ class Coordinator:
         self.on_event("round_closed", row)
 
     def _evaluate(self, weights: torch.Tensor) -> tuple[float, float]:
-        return evaluate(self.eval_model, self.layout, weights, self.dataset.test_x, self.dataset.test_y)
+        with roomy_heap():
+            return evaluate(self.eval_model, self.layout, weights, self.dataset.test_x, self.dataset.test_y)
 
     def _model_fn(self) -> torch.nn.Module:
         return build_model(self.s.model.name, self.dataset.input_shape, self.dataset.num_classes).to(self.device)

@@ -235,7 +235,10 @@ def _blocks(x: torch.Tensor, extra: Optional[torch.Tensor], origin: bool, ref: O
     # of the products (k rows), and its row and column of g are zero.
     skip = not scaled and ref is not None
     k = m - int(skip)
-    width = _block_width(k, x.device, d)
+    # Zero rows after the k real ones, up to a row count the CPU products run fast at
+    # (see _padded_rows); they add nothing to the sums and are cut off at the end.
+    kp = _padded_rows(k) if not scaled and x.device.type == "cpu" else k
+    width = _block_width(kp, x.device, d)
     blocks = [(c, min(d, c + width)) for c in range(0, d, width)]
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     lock = threading.Lock()
@@ -248,11 +251,13 @@ def _blocks(x: torch.Tensor, extra: Optional[torch.Tensor], origin: bool, ref: O
 
     def run(part: list[tuple[int, int]]) -> None:
         ws = _block_scratch(x.dtype, x.device)
-        acc = torch.zeros(k, k, dtype=torch.float64, device=x.device)
-        lo = torch.zeros(k, k, dtype=torch.float32) if fold else acc
+        acc = torch.zeros(kp, kp, dtype=torch.float64, device=x.device)
+        lo = torch.zeros(kp, kp, dtype=torch.float32) if fold else acc
         fin = torch.ones(m, dtype=torch.bool, device=x.device)
         for i, (c0, c1) in enumerate(part, 1):
-            buf = ws("frame", k, c1 - c0)
+            buf = ws("frame", kp, c1 - c0)
+            if kp > k:
+                buf[k:].zero_()
             fill(buf, x[:, c0:c1], None if extra is None else extra[:, c0:c1], origin, ref, lo, fin)
             if fold and (i % FOLD_BLOCKS == 0 or i == len(part)):
                 acc.add_(lo)
@@ -260,16 +265,20 @@ def _blocks(x: torch.Tensor, extra: Optional[torch.Tensor], origin: bool, ref: O
         with lock:
             found[part[0][0]] = (acc, fin)
 
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and (scaled or kp >= GROUPS_FROM):
         _run_parts(run, blocks)
     else:
+        # Fewer rows: one pass whose subtractions and products use torch's intra-op
+        # threads. Against the blocks split among worker threads (two threads, wall
+        # clock, d = 1M, BENCHMARKS.md "exact float32 distances"): 0.65x the time at
+        # n = 20, 0.88x at 32, ~0.98x at 50 and 64; from 96 rows the workers win (0.93x at 100).
         run(blocks)
     parts = [found[c] for c in sorted(found)]  # a fixed order: the same sums every run
     acc, fin = parts[0]
     for pa, pf in parts[1:]:
         acc = acc + pa
         fin = fin & pf
-    acc, fin = acc.cpu(), fin[:n].cpu()
+    acc, fin = acc[:k, :k].cpu(), fin[:n].cpu()
     acc = torch.triu(acc) + torch.triu(acc, 1).T  # the products fill the upper triangle
     if skip:
         keep = torch.cat([torch.arange(ref), torch.arange(ref + 1, m)])
@@ -294,13 +303,25 @@ def _fill_plain(buf, xb, eb, origin, ref, acc, fin) -> None:
     if eb is not None:
         torch.sub(eb, r, out=buf[n - 1:n - 1 + eb.shape[0]])
     if origin:
-        torch.neg(r, out=buf[-1])
+        torch.neg(r, out=buf[n - 1 + (0 if eb is None else eb.shape[0])])
     _accumulate_gram(buf, acc)
 
 
 # Row groups of the block products on CPU (see _accumulate_gram); blocks whose
 # float32 products add up in float32 before joining the float64 sum (_blocks).
 GROUP_ROWS, GROUPS_FROM, FOLD_BLOCKS = 48, 96, 8
+
+
+def _padded_rows(k: int) -> int:
+    """Rows for the block products of ``k`` points on CPU: ``k``, or the next multiple
+    of 16 when ``k`` is 13-15 past one. MKL runs a group of 13-15 rows far below its
+    speed on 16 (measured on a block in cache, one thread, with the row groups of
+    :func:`_accumulate_gram`: 15 rows padded to 16 took 0.33x the time, 31 to 32 0.51x,
+    47 to 48 0.63x, 63 to 64 0.69x, 95 to 96 0.63x, 13 to 16 0.53x, 29 to 32 0.69x), and
+    a centred frame of n = 16, 32, ... updates has such a count once its reference row
+    is left out: it took 1.4-3.2x the uncentred frame before."""
+    rest = k % 16
+    return k + (16 - rest) if rest >= 13 else k
 
 
 def _row_groups(m: int) -> list[tuple[int, int]]:

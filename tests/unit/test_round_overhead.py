@@ -62,3 +62,38 @@ def test_training_cpu_and_bound(tmp_path):
             f"x {name}: round 1 update sent (task to ack 3.000 s, download 0.100 s, train {cpu:.3f} s CPU)\n")
     (t,) = _bench().overhead(tmp_path, cores=2)
     assert t["train_cpu"] == pytest.approx(4.0) and t["bound"] == pytest.approx(1.5 * 4.0 / 2 + 2.0)
+
+
+def test_roomy_heap_evaluates_the_same_and_restores(monkeypatch):
+    import torch
+
+    from orchestrator import coordinator
+    from orchestrator.evaluate import evaluate
+    from fednode.workload.models import build_model
+    from proto.layout import Layout
+
+    calls = []
+
+    class FakeLibc:  # records what roomy_heap asks of glibc (the real settings cannot be read back)
+        def mallopt(self, what, value):
+            calls.append((what, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    model = build_model("mlp", (1, 8, 8), 10)
+    layout = Layout.from_module(model)
+    w = layout.flatten(model.state_dict()).clone()
+    x, y = torch.randn(250, 1, 8, 8), torch.randint(0, 10, (250,))
+    plain = evaluate(model, layout, w, x, y)
+    monkeypatch.setattr(coordinator, "_glibc", lambda: FakeLibc())
+    monkeypatch.setattr(coordinator, "_STEADY", False)
+    with coordinator.roomy_heap():
+        assert evaluate(model, layout, w, x, y) == plain
+    assert calls == []  # without steady_heap's settings there is nothing to undo
+    monkeypatch.setattr(coordinator, "_STEADY", True)
+    with coordinator.roomy_heap():
+        assert evaluate(model, layout, w, x, y) == plain
+    M, T = coordinator.M_MMAP_THRESHOLD, coordinator.M_TRIM_THRESHOLD
+    assert calls[:2] == [(M, 64 << 20), (T, 256 << 20)]
+    assert calls[2:] == [(M, coordinator.STEADY_MMAP), (T, coordinator.GLIBC_TRIM), ("trim", 0)]

@@ -401,6 +401,32 @@ def test_centred_frame_matches_exact_distances_norms_and_clipped_rows():
     assert ((got - exact).abs()[off] / exact[off]).max() < 1e-3
 
 
+@pytest.mark.parametrize("n,origin,extra", [(14, False, 0), (15, False, 0), (16, False, 0), (16, True, 0),
+                                             (29, False, 2), (32, False, 0), (31, True, 0), (20, False, 0)])
+def test_centred_frame_exact_for_padded_row_counts(n, origin, extra):
+    # n = 16, 32, ... rows centred on one of them leave 15, 31, ... for the products,
+    # which run padded with zero rows to 16, 32, ...: the padding must not show.
+    from orchestrator.defenses._geometry import Geometry, _padded_rows
+
+    both = _late_training(ONE_LONG, 7, n=n + extra)  # extra points near the rows, as a rule's are
+    x, ext = both[:n], (both[n:] if extra else None)
+    fr = frame(x, centre=True, origin=origin, extra=ext)
+    assert fr.centred and fr.g.shape == (n + extra + int(origin),) * 2
+    pts = x if ext is None else torch.cat([x, ext])
+    if origin:
+        pts = torch.cat([pts, torch.zeros(1, ONE_LONG.d)])
+    exact = _exact_sq_dist(pts)
+    got = Geometry(fr).sq_euclidean() if not extra and not origin else None
+    g = fr.g
+    d = (g.diagonal()[:, None] + g.diagonal()[None, :] - 2 * g)
+    m = pts.shape[0]
+    off = ~torch.eye(m, dtype=torch.bool)
+    assert ((d - exact).abs()[off] / exact[off]).max() < 1e-4
+    if got is not None:
+        assert ((got - exact).abs()[off] / exact[off]).max() < 1e-4
+    assert _padded_rows(n + extra + int(origin) - 1) % 16 in (0, (n + extra + int(origin) - 1) % 16)
+
+
 # ----------------------------------------------------------------- 4. min_clients
 
 @pytest.mark.parametrize("name,params,f,expected", [
