@@ -11,7 +11,7 @@
 #   ./launch.sh mpi -np N [--hostfile FILE] [-- extra mpirun args] SCENARIO.toml [--set key=value ...]
 #       one mpirun runs the federation: rank 0 orchestrator, ranks 1..W-1 aggregation
 #       (W = aggregation.ranks), the rest node hosts (README: "Running across machines with mpirun")
-#   ./launch.sh sweep SWEEP.toml [--out DIR] [--parallel K] [--resume]
+#   ./launch.sh sweep SWEEP.toml [--out DIR] [--parallel K] [--resume] [--mpi NP [--hostfile FILE]]
 #       a grid of runs (README: "Sweeps and reports"): DIR/results.csv, DIR/report.md
 #   ./launch.sh defenses | attacks | check SCENARIO.toml | setup | bench NAME
 # Processes are started with exec or by the Python runner, which stops its
@@ -98,7 +98,7 @@ case "$cmd" in
     exec "$PY" -m orchestrator revoke "$@" ;;
   sweep)
     setup
-    [ $# -ge 1 ] || { echo "usage: ./launch.sh sweep SWEEP.toml [--out DIR] [--parallel K] [--resume]" >&2; exit 2; }
+    [ $# -ge 1 ] || { echo "usage: ./launch.sh sweep SWEEP.toml [--out DIR] [--parallel K] [--resume] [--mpi NP [--hostfile FILE]]" >&2; exit 2; }
     exec "$PY" -m orchestrator sweep "$@" ;;
   defenses)
     setup

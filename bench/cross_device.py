@@ -146,6 +146,17 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
 
 
+def launch_command(scenario: str, overrides: list[str], out: str) -> tuple[Path, list[str], Path]:
+    """``(run folder, ./launch.sh run command, its log file)`` for one benchmark run under ``out``."""
+    run_dir = Path(out) / time.strftime("%Y%m%d-%H%M%S")
+    cmd = [str(ROOT / "launch.sh"), "run", scenario, "--run-dir", str(run_dir)]
+    for o in overrides:
+        cmd += ["--set", o]
+    print("running:", " ".join(cmd), flush=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return run_dir, cmd, Path(out) / f"{run_dir.name}.log"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", default=str(ROOT / "scenarios" / "cross-device.toml"))
@@ -154,13 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=float, default=2.0)
     args = p.parse_args(argv)
 
-    run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    cmd = [str(ROOT / "launch.sh"), "run", args.scenario, "--run-dir", str(run_dir)]
-    for o in args.overrides:
-        cmd += ["--set", o]
-    print("running:", " ".join(cmd), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    log = open(Path(args.out) / f"{run_dir.name}.log", "w")
+    run_dir, cmd, log_path = launch_command(args.scenario, args.overrides, args.out)
+    log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     idle_rss, idle_pss, torch_rss, torch_pss = [], [], [], []
     idle_pss_totals: list[int] = []

@@ -37,7 +37,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,13 +88,11 @@ def main(argv=None) -> int:
     if args.run_dir:
         run_dir = Path(args.run_dir)
     else:
-        run_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-        cmd = [str(ROOT / "launch.sh"), "run", args.scenario, "--run-dir", str(run_dir)]
-        for o in args.overrides:
-            cmd += ["--set", o]
-        print("running:", " ".join(cmd), flush=True)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.out) / f"{run_dir.name}.log", "w") as log:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from cross_device import launch_command
+
+        run_dir, cmd, log_path = launch_command(args.scenario, args.overrides, args.out)
+        with open(log_path, "w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         if rc != 0:
             print(f"the run exited with status {rc}; see {log.name}", file=sys.stderr)

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -322,6 +323,23 @@ def plan_parallel(requested: int, cores: int, fixed_slots: int = 0) -> tuple[int
 # ----- running cells ----------------------------------------------------------------------------------------------
 def default_command() -> list[str]:
     return [sys.executable, "-m", "orchestrator", "run"]
+
+
+def mpi_command(np: int, hostfile: Optional[str] = None, mpirun_args: str = "") -> list[str]:
+    """The argv that runs one cell as one ``mpirun`` job (``./launch.sh mpi``; README "Running
+    across machines with mpirun"): rank 0 the orchestrator, the next ``aggregation.ranks - 1``
+    aggregation ranks, the rest node hosts, on the hostfile's machines."""
+    if int(np) < 2:
+        raise SweepError(f"--mpi needs at least 2 ranks (the orchestrator and a node host), got {np}")
+    if hostfile is not None and not Path(hostfile).is_file():
+        raise SweepError(f"--hostfile {hostfile}: no such file")
+    cmd = [str(Path(__file__).resolve().parents[1] / "launch.sh"), "mpi", "-np", str(int(np))]
+    if hostfile is not None:
+        cmd += ["--hostfile", str(Path(hostfile).resolve())]
+    extra = shlex.split(mpirun_args)
+    if extra:
+        cmd += ["--", *extra, "--"]
+    return cmd
 
 
 def _start_time(pid: int) -> Optional[str]:
@@ -801,20 +819,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the sweep in --out, skipping finished cells")
     p.add_argument("--timeout", type=float, default=None, help="seconds per cell (default: the file's timeout)")
     p.add_argument("--no-report", action="store_true", help="skip report.md and its figures")
+    p.add_argument("--mpi", type=int, default=None, metavar="NP",
+                   help="run each cell as one mpirun job of NP ranks (./launch.sh mpi), e.g. over --hostfile's machines")
+    p.add_argument("--hostfile", default=None, help="with --mpi: the hostfile mpirun spreads the ranks over")
+    p.add_argument("--mpirun-args", default="", metavar="ARGS",
+                   help="with --mpi: more mpirun options, one string (e.g. '--mca btl_tcp_if_include 10.0.0.0/24')")
     args = p.parse_args(argv)
     from rich.console import Console
     console = Console()
     try:
         sweep = load_sweep(args.sweep)
         out = Path(args.out or Path("sweeps") / sweep.name)
-        runner = SweepRunner(sweep, out, args.parallel, args.resume, timeout=args.timeout)
+        if args.mpi is None and (args.hostfile or args.mpirun_args):
+            raise SweepError("--hostfile and --mpirun-args go with --mpi NP")
+        command = None if args.mpi is None else mpi_command(args.mpi, args.hostfile, args.mpirun_args)
+        runner = SweepRunner(sweep, out, args.parallel, args.resume, command=command, timeout=args.timeout)
     except SweepError as exc:
         print(f"sweep error: {exc}", file=sys.stderr)
         return 2
     if runner.note:
         console.print(f"[yellow]{runner.note}[/]")
     console.print(f"[bold]byzfed sweep[/] {sweep.name}: {len(runner.cells)} cells, {runner.parallel} at a time "
-                  f"({runner.slots} training slot(s) each, {usable_cores()} cores); outputs in {out}")
+                  f"({runner.slots} training slot(s) each, {usable_cores()} cores)"
+                  + ("" if args.mpi is None else f", each one mpirun job of {args.mpi} ranks") + f"; outputs in {out}")
     progress = Progress(len(runner.cells), console)
     runner.on_event = progress.event
     t0 = time.monotonic()

@@ -12,6 +12,7 @@ missing.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -317,3 +318,43 @@ def test_one_mpirun_across_two_hosts(job, hosts, tmp_path):
     for r in ("0", "1", "2"):  # one colluder in A, one in B: each got both benign deltas
         assert sorted(record["collusion"][r]["fetches"]) == [["alie-000", 2], ["alie-001", 2]], record
     print(f"mpirun over two namespaces: {len(rows)} rounds complete in {took:.1f}s, accuracy {accs}")
+
+
+def test_a_sweep_spreads_its_cells_over_two_hosts(hosts, tmp_path):
+    """`sweep --mpi 3 --hostfile` from host A: each of the two cells is one mpirun job whose
+    rank 0 (orchestrator) and one node host run on A, the other node host on B."""
+    agent = tmp_path / "netns-agent.sh"
+    agent.write_text(AGENT)
+    agent.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"{hosts.a} slots=2\n{hosts.b} slots=2\n")  # (--map-by node: ranks 0, 2 on A; 1 on B)
+    subnet = hosts.addr_a.rsplit(".", 1)[0] + ".0/24"
+    roles = [("honest", 3, ""), ("signflip", 1, 'byzantine = true\nattack = "sign_flip"\n')]
+    base = write_scenario(tmp_path / "base.toml", roles, rounds=2, f=1)
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(f'name = "two-hosts"\nbase = "{base}"\ntimeout = 240\n'
+                    '[axes.defense]\nkey = "defense.name"\nvalues = ["median", "trimmed_mean"]\n')
+    out = tmp_path / "out"
+    mpirun_args = (f"--map-by node --mca plm_rsh_agent {agent} --mca btl_tcp_if_include {subnet} "
+                   f"--mca oob_tcp_if_include {subnet}")
+    cmd = ["ip", "netns", "exec", hosts.a, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hosts.a,
+           sys.executable, "-m", "orchestrator", "sweep", str(spec), "--out", str(out), "--mpi", "3",
+           "--hostfile", str(hostfile), "--mpirun-args", mpirun_args]
+    children = ChildProcesses()
+    log = tmp_path / "sweep.out"
+    try:
+        proc = children.spawn("sweep", cmd, log, {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}, cwd=ROOT)
+        try:
+            rc = proc.wait(420)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the sweep did not finish in 420 s\n{log.read_text()[-4000:]}")
+    finally:
+        children.stop_all(grace=15.0)  # SIGTERM: the sweep stops its cells (mpirun) by PID
+    assert rc == 0, log.read_text()[-4000:]
+    with (out / "results.csv").open() as fh:
+        rows = {r["cell"]: r for r in csv.DictReader(fh)}
+    assert list(rows) == ["defense=median", "defense=trimmed_mean"]
+    for cell, r in rows.items():
+        assert r["status"] == "ok" and r["rounds_completed"] == "2", r
+        reports = json.loads((out / "cells" / cell / "ranks" / "node-hosts.json").read_text())
+        assert {reports[k]["host"] for k in reports} == {hosts.a, hosts.b}, reports
