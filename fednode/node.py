@@ -378,11 +378,13 @@ class Node:
                     continue
                 self._acknowledge(task)
                 self._do_round(task)
+                done_round = task.round
+                del task  # (its weights, ~4 bytes a parameter: not kept through the next long-poll)
                 if self.cfg.idle == "light" and self.cfg.shed_in_place:
                     self._shed()
                 elif self.cfg.idle == "light" and self.cfg.relaunch is not None and "torch" in sys.modules:
-                    log.info("%s: round %d done; re-executing to shed torch, model and data", self.cfg.name, task.round)
-                    self.cfg.relaunch(task.round)
+                    log.info("%s: round %d done; re-executing to shed torch, model and data", self.cfg.name, done_round)
+                    self.cfg.relaunch(done_round)
         finally:
             self.stop.set()
             self._leave()
