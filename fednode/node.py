@@ -486,12 +486,10 @@ def _span(task: Task) -> str:
     this node to its upload's acknowledgement, the node's whole part of the round
     (bench/round_overhead.py reads it), the download within it, and the CPU its local
     training took (from loading the model and shard to the update)."""
-    at = getattr(task, "header_at", 0.0)
-    if not at:
+    if not task.header_at:  # (a task that did not come from get_task)
         return ""
-    cpu = getattr(task, "train_cpu", None)
-    return (f" (task to ack {time.monotonic() - at:.3f} s, download {getattr(task, 'download_seconds', 0.0):.3f} s"
-            + ("" if cpu is None else f", train {cpu:.3f} s CPU") + ")")
+    cpu = "" if task.train_cpu is None else f", train {task.train_cpu:.3f} s CPU"
+    return f" (task to ack {time.monotonic() - task.header_at:.3f} s, download {task.download_seconds:.3f} s{cpu})"
 
 
 def _stateful(algorithm: str) -> bool:

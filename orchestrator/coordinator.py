@@ -96,7 +96,7 @@ def roomy_heap(mmap_bytes: int = 64 << 20, trim_bytes: int = 256 << 20):
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP)
         libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM)
-        libc.malloc_trim(0)
+        trim_heap()
 
 
 def trim_heap() -> None:

@@ -29,15 +29,20 @@ values = ["median", "krum"]
 '''
 
 
-def test_two_cell_sweep_end_to_end(tmp_path):
+def run_sweep(tmp_path, *options: str, timeout: float = 240) -> tuple:
+    """``python -m orchestrator sweep`` of SWEEP with ``options``: (its out folder, results.csv by cell)."""
     spec = tmp_path / "it.toml"
     spec.write_text(SWEEP)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(spec), "--out", str(out)],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(spec), "--out", str(out), *options],
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with (out / "results.csv").open() as fh:
-        rows = {r["cell"]: r for r in csv.DictReader(fh)}
+        return out, {r["cell"]: r for r in csv.DictReader(fh)}
+
+
+def test_two_cell_sweep_end_to_end(tmp_path):
+    out, rows = run_sweep(tmp_path)
     assert list(rows) == ["defense=median", "defense=krum"]
     for cell, r in rows.items():
         assert r["status"] == "ok" and r["rounds_completed"] == "2" and 0 < float(r["final_accuracy"]) <= 1
@@ -56,14 +61,7 @@ def test_two_cell_sweep_end_to_end(tmp_path):
 def test_two_cell_sweep_over_mpirun(tmp_path):
     """`sweep --mpi 2`: each cell is one real mpirun job (./launch.sh mpi): rank 0 the
     orchestrator, rank 1 the node host of its 4 node processes."""
-    spec = tmp_path / "it.toml"
-    spec.write_text(SWEEP)
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(spec), "--out", str(out), "--mpi", "2"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with (out / "results.csv").open() as fh:
-        rows = {r["cell"]: r for r in csv.DictReader(fh)}
+    out, rows = run_sweep(tmp_path, "--mpi", "2", timeout=300)
     assert list(rows) == ["defense=median", "defense=krum"]
     for cell, r in rows.items():
         assert r["status"] == "ok" and r["rounds_completed"] == "2" and 0 < float(r["final_accuracy"]) <= 1, r
